@@ -1,0 +1,57 @@
+"""dynroute: CoDiNet dynamic routing (Wang et al., TPAMI 2021) for the ResNets you already train."""
+
+from dynroute import models
+from dynroute._version import __version__
+from dynroute.accounting import count_distinct_paths, hard_paths, macs_fraction, sample_macs
+from dynroute.adapters import BlockAdapter, get_adapter, register_block, registered_block_types
+from dynroute.convert import convert_resnet
+from dynroute.flops import MacsTable, build_macs_table, macs_table
+from dynroute.gated_block import GatedBlock
+from dynroute.losses import (
+    ConsistencyLoss,
+    CostLoss,
+    DiversityLoss,
+    consistency_loss,
+    cost_loss,
+    diversity_loss,
+    path_costs,
+)
+from dynroute.router import Router, hard_gate, relaxed_gate
+from dynroute.routing import force_gates, gated_blocks, routing_logits, routing_paths
+
+__all__ = [
+    "__version__",
+    "models",
+    # layers
+    "Router",
+    "GatedBlock",
+    "relaxed_gate",
+    "hard_gate",
+    # conversion
+    "convert_resnet",
+    "BlockAdapter",
+    "register_block",
+    "get_adapter",
+    "registered_block_types",
+    # routing state
+    "gated_blocks",
+    "force_gates",
+    "routing_paths",
+    "routing_logits",
+    # losses
+    "ConsistencyLoss",
+    "DiversityLoss",
+    "CostLoss",
+    "consistency_loss",
+    "diversity_loss",
+    "cost_loss",
+    "path_costs",
+    # MACs
+    "MacsTable",
+    "build_macs_table",
+    "macs_table",
+    "sample_macs",
+    "macs_fraction",
+    "hard_paths",
+    "count_distinct_paths",
+]

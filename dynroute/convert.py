@@ -1,0 +1,123 @@
+"""Retrofit CoDiNet routers onto a ResNet: replace each residual block by a :class:`GatedBlock`."""
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from torch import nn
+
+from dynroute.adapters import get_adapter, registered_block_types
+from dynroute.flops import attach_macs_table, build_macs_table
+from dynroute.gated_block import GatedBlock
+from dynroute.router import Router
+
+__all__ = ["convert_resnet"]
+
+BlockSelector = Iterable[str] | Callable[[str, nn.Module], bool]
+
+
+def _default_input_size(model: nn.Module) -> tuple[int, int, int]:
+    config = getattr(model, "pretrained_cfg", None) or {}
+    if "input_size" in config:  # timm models know theirs
+        return tuple(config["input_size"])
+    raise ValueError(
+        f"input_size is needed to measure the MACs of {type(model).__name__}; "
+        "pass it as convert_resnet(model, input_size=(3, 224, 224))"
+    )
+
+
+def _find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Registered residual blocks by dotted name; a subclass of a registered type is an error."""
+    registered = registered_block_types()
+    blocks = []
+    for name, module in model.named_modules():
+        if isinstance(module, GatedBlock):
+            raise ValueError(
+                f"{type(model).__name__} is already converted (found a GatedBlock at {name!r}); "
+                "convert the original model only once"
+            )
+        if get_adapter(module) is not None:
+            if not name:
+                raise TypeError(
+                    f"convert_resnet() takes a whole network, but got a bare {type(module).__qualname__}; "
+                    "wrap a single block with dynroute.GatedBlock(block)"
+                )
+            blocks.append((name, module))
+        elif isinstance(module, registered):
+            raise TypeError(
+                f"block {name!r} is a {type(module).__qualname__}, a subclass of a supported block that may "
+                f"compute differently; supported exactly: {[t.__qualname__ for t in registered]}. Teach the "
+                "converter with dynroute.register_block(type(block), dynroute.BlockAdapter(...))"
+            )
+    return blocks
+
+
+def _select(blocks: list[tuple[str, nn.Module]], selector: BlockSelector | None) -> list[tuple[str, nn.Module]]:
+    if selector is None:
+        return blocks
+    if callable(selector):
+        return [(name, block) for name, block in blocks if selector(name, block)]
+    wanted = set(selector)
+    unknown = wanted - {name for name, _ in blocks}
+    if unknown:
+        raise ValueError(
+            f"blocks {sorted(unknown)} are not residual blocks of this model; choose from {[n for n, _ in blocks]}"
+        )
+    return [(name, block) for name, block in blocks if name in wanted]
+
+
+def convert_resnet(
+    model: nn.Module,
+    input_size: tuple[int, int, int] | None = None,
+    blocks: BlockSelector | None = None,
+    **router_kwargs: Any,
+) -> nn.Module:
+    """Give each residual block of ``model`` a router, in place, and measure its MAC table.
+
+    Works on timm and torchvision ResNets (and ResNeXts, wide and SE/ECA variants) and on
+    :mod:`dynroute.models` CIFAR ResNets; other blocks can be taught with
+    :func:`dynroute.register_block`. The forward signature and outputs are unchanged; with every
+    gate forced open (:func:`dynroute.force_gates`) the logits are the original's, and the
+    original's ``state_dict`` loads (router keys aside).
+
+    Args:
+        model: the network to convert; changed in place.
+        input_size: (C, H, W) at which fvcore measures MACs; timm models default to their own.
+        blocks: which residual blocks to gate, as dotted names or a predicate
+            ``(name, block) -> bool``; default all.
+        **router_kwargs: passed to every :class:`Router` (``rd_ratio``, ``temperature``,
+            ``relaxation``, ``init_open_prob``, ...).
+
+    Returns:
+        The same model object, converted. Its MAC table is :func:`dynroute.macs_table` (model).
+
+    Example:
+        >>> model = dynroute.convert_resnet(timm.create_model("resnet18"), input_size=(3, 224, 224))
+        >>> logits = model(torch.randn(2, 3, 224, 224))
+        >>> dynroute.routing_paths(model).shape
+        torch.Size([2, 8])
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, but got {type(model).__name__}")
+    input_size = _default_input_size(model) if input_size is None else tuple(input_size)
+    found = _find_blocks(model)
+    if not found:
+        raise TypeError(
+            f"{type(model).__name__} has no supported residual blocks; supported: "
+            f"{[t.__module__ + '.' + t.__qualname__ for t in registered_block_types()]}. "
+            "Teach the converter yours with dynroute.register_block(BlockType, dynroute.BlockAdapter(...))"
+        )
+    selected = _select(found, blocks)
+    if not selected:
+        raise ValueError(f"blocks={blocks!r} selects none of the residual blocks {[n for n, _ in found]}")
+    for name, block in selected:
+        adapter = get_adapter(block)
+        router = Router(adapter.in_channels(block), **router_kwargs)
+        parameter = next(block.parameters(), None)
+        if parameter is not None:
+            router.to(device=parameter.device, dtype=parameter.dtype)
+        gated = GatedBlock(block, router)
+        gated.train(block.training)
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child_name, gated)
+    attach_macs_table(model, build_macs_table(model, input_size))
+    return model

@@ -1,0 +1,151 @@
+"""MAC table of a converted network, measured with fvcore (one multiply-add counts as one).
+
+For each gated block: the MACs its gate saves when closed (its residual branch) and the MACs of
+its router; plus the always-paid rest (stem, shortcuts, head). Measuring never changes the
+user's model: fvcore traces a deep copy with every gate forced open, then closed.
+"""
+
+import copy
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+with warnings.catch_warnings():  # fvcore scripts helpers with torch.jit, which now warns of its deprecation
+    warnings.simplefilter("ignore", FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
+
+from dynroute.routing import force_gates, gated_blocks
+
+__all__ = ["MacsTable", "attach_macs_table", "build_macs_table", "count_macs", "macs_table"]
+
+_TABLE_ATTRIBUTE = "_dynroute_macs_table"
+
+
+@dataclass(frozen=True)
+class MacsTable:
+    """Where the MACs of one forward of a converted network go, for one input size.
+
+    Attributes:
+        input_size: (C, H, W) the table was measured at.
+        block_names: dotted module names of the gated blocks, in forward order.
+        block_input_shapes: (C, H, W) each gated block sees at ``input_size``.
+        block_macs: MACs of each block's residual branch, saved when its gate is closed.
+        router_macs: MACs of each block's router, always paid.
+        base_macs: MACs paid whatever the gates say, routers excluded (stem, shortcuts, head).
+    """
+
+    input_size: tuple[int, ...]
+    block_names: tuple[str, ...]
+    block_input_shapes: tuple[tuple[int, ...], ...]
+    block_macs: tuple[int, ...]
+    router_macs: tuple[int, ...]
+    base_macs: int
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_names)
+
+    @property
+    def dense_macs(self) -> int:
+        """MACs of the original, unconverted network."""
+        return self.base_macs + sum(self.block_macs)
+
+    @property
+    def fixed_macs(self) -> int:
+        """MACs of a forward that skips every block: the base plus all routers."""
+        return self.base_macs + sum(self.router_macs)
+
+    def block_costs(self) -> Tensor:
+        """Each block's MACs as a fraction of dense, shape (n_blocks,), float32."""
+        return torch.tensor(self.block_macs, dtype=torch.float64).div(self.dense_macs).float()
+
+    def fixed_cost(self) -> float:
+        """The always-paid MACs (base and routers) as a fraction of dense."""
+        return self.fixed_macs / self.dense_macs
+
+    def format(self) -> str:
+        """A printable table: one row per gated block, then the totals."""
+        width = max(len(name) for name in self.block_names)
+        rows = [f"{'block':<{width}}  {'MACs':>14}  {'router MACs':>11}  {'router %':>8}"]
+        for name, block, router in zip(self.block_names, self.block_macs, self.router_macs):
+            rows.append(f"{name:<{width}}  {block:>14,}  {router:>11,}  {100 * router / block:>7.2f}%")
+        rows.append(f"{'always paid (stem, shortcuts, head)':<{width}}  {self.base_macs:>14,}")
+        rows.append(f"{'dense network':<{width}}  {self.dense_macs:>14,}")
+        rows.append(
+            f"{'every gate closed':<{width}}  {self.fixed_macs:>14,}  "
+            f"({100 * self.fixed_cost():.1f}% of dense, input {tuple(self.input_size)})"
+        )
+        return "\n".join(rows)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+def count_macs(model: nn.Module, input_size: tuple[int, ...]) -> FlopCountAnalysis:
+    """fvcore analysis of one eval forward of a deep copy of ``model`` on a batch of one."""
+    measured = copy.deepcopy(model).eval()
+    parameter = next(measured.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
+    inputs = torch.zeros(1, *input_size, device=device, dtype=dtype)
+    analysis = FlopCountAnalysis(measured, inputs)
+    analysis.unsupported_ops_warnings(False)
+    analysis.uncalled_modules_warnings(False)
+    analysis.tracer_warnings("none")
+    with warnings.catch_warnings():  # fvcore traces with torch.jit, which now warns of its deprecation
+        warnings.simplefilter("ignore", FutureWarning)
+        analysis.total()  # runs and caches the trace
+    return analysis
+
+
+def build_macs_table(model: nn.Module, input_size: tuple[int, ...]) -> MacsTable:
+    """Measure the MAC table of a converted ``model`` at ``input_size`` = (C, H, W).
+
+    The model is not changed: fvcore traces deep copies with all gates open, then all closed,
+    and each router alone on its block's input shape (a forced gate leaves the router's output
+    unused, so the tracer drops it from the whole-network trace).
+    """
+    if len(input_size) != 3 or not all(isinstance(size, int) and size > 0 for size in input_size):
+        raise ValueError(f"input_size must be (C, H, W) of positive ints, but got {input_size}")
+    measured = copy.deepcopy(model).eval()
+    blocks = list(gated_blocks(measured))
+    if not blocks:
+        raise TypeError(f"{type(model).__name__} has no gated blocks; convert it with dynroute.convert_resnet first")
+    names = [name for name, _ in blocks]
+    parameter = next(measured.parameters())
+    with torch.no_grad():
+        force_gates(measured, "open")(torch.zeros(1, *input_size, device=parameter.device, dtype=parameter.dtype))
+    shapes = tuple(tuple(block.last_input_shape[1:]) for _, block in blocks)
+    by_module_open = count_macs(measured, input_size).by_module()
+    closed = count_macs(force_gates(measured, "closed"), input_size)
+    by_module_closed = closed.by_module()
+    router_macs = tuple(count_macs(block.router, shape).total() for (_, block), shape in zip(blocks, shapes))
+    routers_in_trace = sum(by_module_closed[f"{name}.router"] for name in names)
+    return MacsTable(
+        input_size=tuple(input_size),
+        block_names=tuple(names),
+        block_input_shapes=shapes,
+        block_macs=tuple(by_module_open[name] - by_module_closed[name] for name in names),
+        router_macs=router_macs,
+        base_macs=closed.total() - routers_in_trace,
+    )
+
+
+def attach_macs_table(model: nn.Module, table: MacsTable) -> None:
+    """Keep ``table`` on ``model`` so :func:`macs_table` finds it."""
+    object.__setattr__(model, _TABLE_ATTRIBUTE, table)
+
+
+def macs_table(model: nn.Module) -> MacsTable:
+    """The MAC table :func:`dynroute.convert_resnet` measured for ``model`` (or its DDP wrapper)."""
+    # DistributedDataParallel keeps the model as .module, torch.compile as ._orig_mod.
+    candidates = (model, getattr(model, "module", None), getattr(model, "_orig_mod", None))
+    table = next((getattr(m, _TABLE_ATTRIBUTE) for m in candidates if hasattr(m, _TABLE_ATTRIBUTE)), None)
+    if table is None:
+        raise TypeError(
+            f"{type(model).__name__} has no MAC table; convert it with dynroute.convert_resnet(model, input_size) "
+            "or build one with dynroute.build_macs_table(model, input_size)"
+        )
+    return table

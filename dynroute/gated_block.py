@@ -1,0 +1,125 @@
+"""A residual block whose residual branch a :class:`~dynroute.Router` turns on or off per sample.
+
+Train mode computes Eq. 7 of CoDiNet, ``act(shortcut(x) + v * F(x))`` with the relaxed gate v.
+Eval mode (and stage-2 training, ``hard_decisions=True``) computes Eq. 13 with hard decisions and
+runs ``F`` only on the samples routed to it: their rows are gathered, run and added back, so a
+skipped block costs nothing but its router and shortcut.
+"""
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from dynroute.adapters import BlockAdapter, get_adapter
+from dynroute.router import Router
+
+__all__ = ["GatedBlock", "ForcedGate"]
+
+ForcedGate = Literal["open", "closed"]
+_FORCED_GATES = ("open", "closed")
+
+
+class GatedBlock(nn.Module):
+    """Wrap ``block`` with a router gating its residual branch.
+
+    The block's children are registered under their own names, so the ``state_dict`` keys of a
+    converted network are those of the original plus ``router.*``.
+
+    Args:
+        block: a residual block of a type registered with :func:`dynroute.register_block`.
+        router: the router; default ``Router(in_channels)`` of the block.
+
+    Attributes:
+        forced_gate: ``None`` to route, ``"open"`` to run every sample through the block (the
+            dense network), ``"closed"`` to skip it for every sample.
+        hard_decisions: use hard argmax decisions in train mode too (stage 2 of CoDiNet).
+        last_gate: gate values (N,) of the last forward (relaxed in training, 0/1 otherwise).
+        last_logits: router logits (N, 2) of the last forward.
+        last_input_shape: input shape of the last forward, for MAC accounting.
+
+    Example:
+        >>> block = dynroute.models.CifarBasicBlock(16, 16)
+        >>> gated = GatedBlock(block).eval()
+        >>> gated(torch.randn(4, 16, 32, 32)).shape
+        torch.Size([4, 16, 32, 32])
+    """
+
+    def __init__(self, block: nn.Module, router: Router | None = None) -> None:
+        super().__init__()
+        adapter = get_adapter(block)
+        if adapter is None:
+            raise TypeError(
+                f"no adapter is registered for {type(block).__qualname__}; "
+                "register one with dynroute.register_block(block_type, dynroute.BlockAdapter(...))"
+            )
+        # The block is kept unregistered: its children are registered here under their own names.
+        object.__setattr__(self, "block", block)
+        for name, child in block.named_children():
+            self.add_module(name, child)
+        self.router = router if router is not None else Router(adapter.in_channels(block))
+        self.forced_gate: ForcedGate | None = None
+        self.hard_decisions = False
+        self.last_gate: Tensor | None = None
+        self.last_logits: Tensor | None = None
+        self.last_input_shape: torch.Size | None = None
+
+    @property
+    def adapter(self) -> BlockAdapter:
+        """The adapter of the wrapped block's type."""
+        adapter = get_adapter(self.block)
+        if adapter is None:
+            raise TypeError(f"no adapter is registered for {type(self.block).__qualname__}")
+        return adapter
+
+    def train(self, mode: bool = True) -> "GatedBlock":
+        super().train(mode)
+        self.block.training = mode
+        return self
+
+    def force_gate(self, state: ForcedGate | None) -> None:
+        """Force the gate ``"open"`` or ``"closed"`` for every sample, or route again with None."""
+        if state is not None and state not in _FORCED_GATES:
+            raise ValueError(f"forced gate must be 'open', 'closed' or None, but got {state!r}")
+        self.forced_gate = state
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, C_in, H, W) -> (N, C_out, H', W'), the block's output under this forward's gates."""
+        if x.dim() != 4:
+            raise ValueError(
+                f"GatedBlock expects a batched 4D input (N, C, H, W), but got shape {tuple(x.shape)}; "
+                "add a batch dimension with x.unsqueeze(0)"
+            )
+        adapter = self.adapter
+        logits = self.router(x)
+        shortcut = adapter.shortcut(self.block, x)
+        if self.forced_gate is not None:
+            gate = logits.new_full((x.shape[0],), float(self.forced_gate == "open"), dtype=torch.float32)
+            out = shortcut + adapter.residual(self.block, x) if self.forced_gate == "open" else shortcut
+        elif self.training and not self.hard_decisions:
+            gate = self.router.gate(logits, hard=False)
+            residual = adapter.residual(self.block, x)
+            out = shortcut + gate.to(residual.dtype).view(-1, 1, 1, 1) * residual
+        else:
+            gate = self.router.gate(logits, hard=True)
+            out = self._add_routed_residual(x, shortcut, gate)
+        if out is x:  # skipped identity block: an in-place activation must not touch the input
+            out = x.clone()
+        self.last_gate, self.last_logits, self.last_input_shape = gate, logits, x.shape
+        return adapter.activation(self.block, out)
+
+    def _add_routed_residual(self, x: Tensor, shortcut: Tensor, gate: Tensor) -> Tensor:
+        """``shortcut + F(x)`` for rows with gate 1, ``shortcut`` elsewhere; F runs on routed rows only."""
+        if x.shape[0] == 1:
+            return shortcut + self.adapter.residual(self.block, x) if bool(gate[0]) else shortcut
+        routed = gate.nonzero().squeeze(1)
+        if routed.numel() == x.shape[0]:
+            return shortcut + self.adapter.residual(self.block, x)
+        if routed.numel() == 0:
+            return shortcut
+        residual = self.adapter.residual(self.block, x.index_select(0, routed))
+        return shortcut.index_add(0, routed, residual.to(shortcut.dtype))
+
+    def extra_repr(self) -> str:
+        block = type(self.block).__qualname__
+        return f"block={block}, forced_gate={self.forced_gate}, hard_decisions={self.hard_decisions}"

@@ -1,0 +1,117 @@
+"""Router of CoDiNet (Wang et al., TPAMI 2021, Eq. 3-6).
+
+A router looks at the input of one residual block and decides whether the block runs:
+global average pooling, a fully connected layer, an activation, and a second fully connected
+layer that gives two logits, ``(skip, run)``. In training the decision is relaxed with the
+reparameterized Gumbel-softmax (Eq. 7); in eval it is the deterministic argmax (Eq. 13).
+"""
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["Router", "relaxed_gate", "hard_gate"]
+
+Relaxation = Literal["gumbel", "straight_through"]
+_RELAXATIONS = ("gumbel", "straight_through")
+
+
+def relaxed_gate(
+    logits: Tensor,
+    temperature: float = 1.0,
+    relaxation: Relaxation = "gumbel",
+) -> Tensor:
+    """Sample the relaxed "run" probability v_k of Eq. 7 from router logits.
+
+    Args:
+        logits: router logits, shape (N, 2), column 1 meaning "run".
+        temperature: Gumbel-softmax temperature T.
+        relaxation: ``"gumbel"`` for the soft sample, ``"straight_through"`` for a hard 0/1
+            sample in the forward pass with the soft sample's gradient.
+
+    Returns:
+        Gate values, shape (N,), in float32 whatever the logits' dtype.
+    """
+    if relaxation not in _RELAXATIONS:
+        raise ValueError(f"relaxation must be one of {_RELAXATIONS}, but got {relaxation!r}")
+    sample = F.gumbel_softmax(logits.float(), tau=temperature, hard=relaxation == "straight_through")
+    return sample[:, 1]
+
+
+def hard_gate(logits: Tensor) -> Tensor:
+    """Deterministic decision u_k = argmax(U_k) of Eq. 13, shape (N, 2) -> (N,) float32 of 0/1."""
+    return (logits[:, 1] > logits[:, 0]).float()
+
+
+class Router(nn.Module):
+    """Gate of one residual block: GAP -> fc1 -> act -> fc2 -> logits (N, 2) of (skip, run).
+
+    The second layer starts with zero weights and a bias that opens the gate with probability
+    ``init_open_prob``, so a retrofitted pretrained network starts close to its dense self.
+
+    Args:
+        in_channels: channels of the block input.
+        hidden_channels: width of the hidden layer; default ``max(rd_min, in_channels * rd_ratio)``.
+        rd_ratio: hidden width as a fraction of ``in_channels`` when ``hidden_channels`` is unset.
+        rd_min: smallest hidden width when ``hidden_channels`` is unset.
+        act_layer: activation between the two layers.
+        temperature: Gumbel-softmax temperature T of Eq. 7.
+        relaxation: ``"gumbel"`` (default) or ``"straight_through"``.
+        init_open_prob: probability that the gate opens at initialisation, in (0, 1).
+
+    Example:
+        >>> router = Router(64)
+        >>> router(torch.randn(8, 64, 32, 32)).shape
+        torch.Size([8, 2])
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        hidden_channels: int | None = None,
+        rd_ratio: float = 1 / 8,
+        rd_min: int = 16,
+        act_layer: type[nn.Module] = nn.ReLU,
+        temperature: float = 1.0,
+        relaxation: Relaxation = "gumbel",
+        init_open_prob: float = 0.9,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < init_open_prob < 1.0:
+            raise ValueError(f"init_open_prob must lie strictly between 0 and 1, but got {init_open_prob}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, but got {temperature}")
+        if relaxation not in _RELAXATIONS:
+            raise ValueError(f"relaxation must be one of {_RELAXATIONS}, but got {relaxation!r}")
+        if hidden_channels is None:
+            hidden_channels = max(rd_min, round(in_channels * rd_ratio))
+        self.temperature = temperature
+        self.relaxation: Relaxation = relaxation
+        self.init_open_prob = init_open_prob
+        self.fc1 = nn.Linear(in_channels, hidden_channels)
+        self.act = act_layer()
+        self.fc2 = nn.Linear(hidden_channels, 2)
+        self.reset_gate()
+
+    def reset_gate(self) -> None:
+        """Zero the last layer's weights and set its bias to open with ``init_open_prob``."""
+        nn.init.zeros_(self.fc2.weight)
+        with torch.no_grad():
+            self.fc2.bias.copy_(torch.tensor([0.0, math.log(self.init_open_prob / (1 - self.init_open_prob))]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits (N, 2) of (skip, run) for block input x of shape (N, C, H, W)."""
+        pooled = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.fc2(self.act(self.fc1(pooled)))
+
+    def gate(self, logits: Tensor, hard: bool) -> Tensor:
+        """Gate values (N,): relaxed per Eq. 7 unless ``hard``, else the argmax decision."""
+        if hard:
+            return hard_gate(logits)
+        return relaxed_gate(logits, self.temperature, self.relaxation)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, relaxation={self.relaxation!r}, init_open_prob={self.init_open_prob}"

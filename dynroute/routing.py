@@ -1,0 +1,68 @@
+"""Whole-model routing state: find the gated blocks, force their gates, read the path of a forward."""
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from dynroute.gated_block import ForcedGate, GatedBlock
+
+__all__ = ["gated_blocks", "force_gates", "routing_paths", "routing_logits"]
+
+
+def gated_blocks(model: nn.Module) -> Iterator[tuple[str, GatedBlock]]:
+    """Yield ``(name, block)`` for every :class:`GatedBlock`, in forward (module) order."""
+    for name, module in model.named_modules():
+        if isinstance(module, GatedBlock):
+            yield name, module
+
+
+def _require_gated_blocks(model: nn.Module) -> list[tuple[str, GatedBlock]]:
+    blocks = list(gated_blocks(model))
+    if not blocks:
+        raise TypeError(
+            f"{type(model).__name__} has no gated blocks; convert it first with dynroute.convert_resnet(model)"
+        )
+    return blocks
+
+
+def force_gates(model: nn.Module, state: ForcedGate | None) -> nn.Module:
+    """Force every gate ``"open"`` (the dense network) or ``"closed"``, or route again with None.
+
+    Returns:
+        The same model, for chaining.
+    """
+    for _, block in _require_gated_blocks(model):
+        block.force_gate(state)
+    return model
+
+
+def _stack_last(model: nn.Module, attribute: str) -> Tensor:
+    blocks = _require_gated_blocks(model)
+    values = [getattr(block, attribute) for _, block in blocks]
+    missing = [name for (name, _), value in zip(blocks, values) if value is None]
+    if missing:
+        raise RuntimeError(
+            f"routing state is read after a forward pass, but blocks {missing[:3]} have not run yet; "
+            "call model(x) first"
+        )
+    sizes = {value.shape[0] for value in values}
+    if len(sizes) != 1:
+        raise RuntimeError(
+            f"gated blocks ran on different batch sizes {sorted(sizes)}; read the paths right after one full forward"
+        )
+    return torch.stack(values, dim=1)
+
+
+def routing_paths(model: nn.Module) -> Tensor:
+    """Gates of the last forward, shape (N, n_blocks), block order as in :func:`gated_blocks`.
+
+    In train mode the values are the relaxed gates v_k and carry gradients to the routers; in
+    eval mode (or with ``hard_decisions``) they are the 0/1 decisions u_k.
+    """
+    return _stack_last(model, "last_gate")
+
+
+def routing_logits(model: nn.Module) -> Tensor:
+    """Router logits of the last forward, shape (N, n_blocks, 2) of (skip, run)."""
+    return _stack_last(model, "last_logits")
