@@ -17,7 +17,7 @@ from dynroute.losses import (
     path_costs,
 )
 from dynroute.router import Router, hard_gate, relaxed_gate
-from dynroute.routing import force_gates, gated_blocks, routing_logits, routing_paths
+from dynroute.routing import force_gates, gated_blocks, routing_logits, routing_paths, set_execution
 
 __all__ = [
     "__version__",
@@ -36,6 +36,7 @@ __all__ = [
     # routing state
     "gated_blocks",
     "force_gates",
+    "set_execution",
     "routing_paths",
     "routing_logits",
     # losses

@@ -14,10 +14,12 @@ from torch import Tensor, nn
 from dynroute.adapters import BlockAdapter, get_adapter
 from dynroute.router import Router
 
-__all__ = ["GatedBlock", "ForcedGate"]
+__all__ = ["GatedBlock", "ForcedGate", "Execution"]
 
 ForcedGate = Literal["open", "closed"]
 _FORCED_GATES = ("open", "closed")
+Execution = Literal["sparse", "masked"]
+_EXECUTIONS = ("sparse", "masked")
 
 
 class GatedBlock(nn.Module):
@@ -34,6 +36,9 @@ class GatedBlock(nn.Module):
         forced_gate: ``None`` to route, ``"open"`` to run every sample through the block (the
             dense network), ``"closed"`` to skip it for every sample.
         hard_decisions: use hard argmax decisions in train mode too (stage 2 of CoDiNet).
+        execution: how hard decisions run: ``"sparse"`` (default) computes the residual branch
+            only for routed samples; ``"masked"`` computes it for all and multiplies by the 0/1
+            gate, a static graph that saves nothing (what other implementations do).
         last_gate: gate values (N,) of the last forward (relaxed in training, 0/1 otherwise).
         last_logits: router logits (N, 2) of the last forward.
         last_input_shape: input shape of the last forward, for MAC accounting.
@@ -60,6 +65,7 @@ class GatedBlock(nn.Module):
         self.router = router if router is not None else Router(adapter.in_channels(block))
         self.forced_gate: ForcedGate | None = None
         self.hard_decisions = False
+        self.execution: Execution = "sparse"
         self.last_gate: Tensor | None = None
         self.last_logits: Tensor | None = None
         self.last_input_shape: torch.Size | None = None
@@ -83,6 +89,12 @@ class GatedBlock(nn.Module):
             raise ValueError(f"forced gate must be 'open', 'closed' or None, but got {state!r}")
         self.forced_gate = state
 
+    def set_execution(self, execution: Execution) -> None:
+        """Run hard decisions ``"sparse"`` (skip for real) or ``"masked"`` (compute, then multiply)."""
+        if execution not in _EXECUTIONS:
+            raise ValueError(f"execution must be one of {_EXECUTIONS}, but got {execution!r}")
+        self.execution = execution
+
     def forward(self, x: Tensor) -> Tensor:
         """(N, C_in, H, W) -> (N, C_out, H', W'), the block's output under this forward's gates."""
         if x.dim() != 4:
@@ -96,13 +108,14 @@ class GatedBlock(nn.Module):
         if self.forced_gate is not None:
             gate = logits.new_full((x.shape[0],), float(self.forced_gate == "open"), dtype=torch.float32)
             out = shortcut + adapter.residual(self.block, x) if self.forced_gate == "open" else shortcut
-        elif self.training and not self.hard_decisions:
-            gate = self.router.gate(logits, hard=False)
-            residual = adapter.residual(self.block, x)
-            out = shortcut + gate.to(residual.dtype).view(-1, 1, 1, 1) * residual
         else:
-            gate = self.router.gate(logits, hard=True)
-            out = self._add_routed_residual(x, shortcut, gate)
+            hard = self.hard_decisions or not self.training
+            gate = self.router.gate(logits, hard=hard)
+            if hard and self.execution == "sparse":
+                out = self._add_routed_residual(x, shortcut, gate)
+            else:
+                residual = adapter.residual(self.block, x)
+                out = shortcut + gate.to(residual.dtype).view(-1, 1, 1, 1) * residual
         if out is x:  # skipped identity block: an in-place activation must not touch the input
             out = x.clone()
         self.last_gate, self.last_logits, self.last_input_shape = gate, logits, x.shape
@@ -122,4 +135,7 @@ class GatedBlock(nn.Module):
 
     def extra_repr(self) -> str:
         block = type(self.block).__qualname__
-        return f"block={block}, forced_gate={self.forced_gate}, hard_decisions={self.hard_decisions}"
+        return (
+            f"block={block}, forced_gate={self.forced_gate}, hard_decisions={self.hard_decisions}, "
+            f"execution={self.execution!r}"
+        )

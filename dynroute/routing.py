@@ -5,9 +5,9 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from dynroute.gated_block import ForcedGate, GatedBlock
+from dynroute.gated_block import Execution, ForcedGate, GatedBlock
 
-__all__ = ["gated_blocks", "force_gates", "routing_paths", "routing_logits"]
+__all__ = ["gated_blocks", "force_gates", "set_execution", "routing_paths", "routing_logits"]
 
 
 def gated_blocks(model: nn.Module) -> Iterator[tuple[str, GatedBlock]]:
@@ -34,6 +34,17 @@ def force_gates(model: nn.Module, state: ForcedGate | None) -> nn.Module:
     """
     for _, block in _require_gated_blocks(model):
         block.force_gate(state)
+    return model
+
+
+def set_execution(model: nn.Module, execution: Execution) -> nn.Module:
+    """Run hard decisions ``"sparse"`` (skipped blocks not computed) or ``"masked"`` (static graph).
+
+    Returns:
+        The same model, for chaining.
+    """
+    for _, block in _require_gated_blocks(model):
+        block.set_execution(execution)
     return model
 
 

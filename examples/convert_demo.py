@@ -1,6 +1,6 @@
 """Convert a timm ResNet-50 and a CIFAR ResNet-110, check the dense outputs, print their MAC tables.
 
-    python examples/convert_demo.py
+python examples/convert_demo.py
 """
 
 import timm
