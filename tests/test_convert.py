@@ -1,0 +1,165 @@
+import copy
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.quantization import resnet as quantizable_resnet
+
+import dynroute
+from dynroute.models import CifarBasicBlock
+
+
+def _assert_drop_in(original: nn.Module, input_size: tuple[int, int, int], batch: int = 2) -> nn.Module:
+    """Convert a copy of ``original``; with gates open it must give the original's logits."""
+    original.eval()
+    converted = dynroute.convert_resnet(copy.deepcopy(original), input_size=input_size)
+    dynroute.force_gates(converted, "open")
+    x = torch.randn(batch, *input_size)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), original(x), atol=1e-5, rtol=0)
+    return converted
+
+
+TORCHVISION_BUILDERS = [
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+    "wide_resnet50_2",
+    "wide_resnet101_2",
+]
+
+
+class TestTorchvision:
+    """Every torchvision ResNet builder converts and stays a drop-in."""
+
+    @pytest.mark.slow
+    @pytest.mark.parametrize("name", TORCHVISION_BUILDERS)
+    def test_equal_logits_with_gates_open(self, name):
+        original = getattr(torchvision.models, name)(num_classes=10)
+        converted = _assert_drop_in(original, (3, 64, 64))
+        assert len(list(dynroute.gated_blocks(converted))) == sum(original_blocks(original))
+
+    def test_quantizable_subclass_is_refused_with_its_path(self):
+        model = quantizable_resnet.resnet18(weights=None, quantize=False)
+        with pytest.raises(TypeError, match=r"'layer1\.0' is a QuantizableBasicBlock.*register_block"):
+            dynroute.convert_resnet(model, input_size=(3, 32, 32))
+
+
+def original_blocks(model: nn.Module):
+    return [len(getattr(model, f"layer{i}")) for i in range(1, 5)]
+
+
+class TestTimm:
+    """timm ResNets convert, keep their weights and default to their own input size."""
+
+    @pytest.mark.parametrize(
+        "name", ["resnet18", "resnet50d", "seresnext26d_32x4d", "resnetblur18", "ecaresnet26t", "resnet10t"]
+    )
+    def test_equal_logits_with_gates_open(self, name):
+        _assert_drop_in(timm.create_model(name, num_classes=5), (3, 64, 64))
+
+    def test_drop_path_and_drop_block_variants_train(self):
+        model = timm.create_model("resnet18", drop_path_rate=0.1, drop_block_rate=0.1, num_classes=3)
+        dynroute.convert_resnet(model, input_size=(3, 64, 64)).train()
+        model(torch.randn(4, 3, 64, 64)).sum().backward()
+        assert dynroute.routing_paths(model).shape == (4, 8)
+
+    def test_input_size_defaults_to_the_pretrained_config(self):
+        model = dynroute.convert_resnet(timm.create_model("resnet18"))
+        assert dynroute.macs_table(model).input_size == (3, 224, 224)
+
+    def test_original_state_dict_loads_router_keys_aside(self):
+        original = timm.create_model("resnet18", num_classes=4)
+        converted = dynroute.convert_resnet(timm.create_model("resnet18", num_classes=4), input_size=(3, 32, 32))
+        result = converted.load_state_dict(original.state_dict(), strict=False)
+        assert result.unexpected_keys == []
+        assert result.missing_keys and all(".router." in key for key in result.missing_keys)
+        for key, value in original.state_dict().items():
+            torch.testing.assert_close(converted.state_dict()[key], value)
+
+
+class TestCifar:
+    """The CIFAR ResNets of dynroute.models convert, option A and option B alike."""
+
+    @pytest.mark.parametrize("depth, shortcut", [(20, "A"), (32, "B"), (56, "A"), (110, "A")])
+    def test_equal_logits_with_gates_open(self, depth, shortcut):
+        original = getattr(dynroute.models, f"resnet{depth}")(shortcut=shortcut)
+        converted = _assert_drop_in(original, (3, 32, 32), batch=4)
+        assert len(list(dynroute.gated_blocks(converted))) == (depth - 2) // 2
+
+
+class TestConvertOptions:
+    """Block selection, router settings, in-place conversion and mode."""
+
+    def test_converts_in_place_and_keeps_the_mode(self):
+        model = dynroute.models.resnet20().train()
+        assert dynroute.convert_resnet(model, input_size=(3, 32, 32)) is model
+        assert all(block.training for _, block in dynroute.gated_blocks(model))
+
+    def test_selects_blocks_by_name_and_predicate(self):
+        by_name = dynroute.convert_resnet(dynroute.models.resnet20(), (3, 32, 32), blocks=["layer1.1", "layer3.2"])
+        assert [name for name, _ in dynroute.gated_blocks(by_name)] == ["layer1.1", "layer3.2"]
+        by_predicate = dynroute.convert_resnet(
+            dynroute.models.resnet20(), (3, 32, 32), blocks=lambda name, block: name.startswith("layer2")
+        )
+        assert [name for name, _ in dynroute.gated_blocks(by_predicate)] == ["layer2.0", "layer2.1", "layer2.2"]
+        assert dynroute.macs_table(by_predicate).num_blocks == 3
+        assert isinstance(by_predicate.layer1[0], CifarBasicBlock)
+
+    def test_unknown_block_names_are_refused(self):
+        with pytest.raises(ValueError, match=r"\['layer9.0'\] are not residual blocks"):
+            dynroute.convert_resnet(dynroute.models.resnet20(), (3, 32, 32), blocks=["layer9.0"])
+
+    def test_router_settings_reach_every_router(self):
+        model = dynroute.convert_resnet(
+            dynroute.models.resnet20(), (3, 32, 32), temperature=0.5, relaxation="straight_through", hidden_channels=8
+        )
+        routers = [block.router for _, block in dynroute.gated_blocks(model)]
+        assert all(r.temperature == 0.5 and r.relaxation == "straight_through" for r in routers)
+        assert all(r.fc1.out_features == 8 for r in routers)
+
+    def test_converting_twice_is_refused(self):
+        model = dynroute.convert_resnet(dynroute.models.resnet20(), (3, 32, 32))
+        with pytest.raises(ValueError, match="already converted.*'layer1.0'"):
+            dynroute.convert_resnet(model, (3, 32, 32))
+
+    def test_model_without_blocks_is_refused(self):
+        with pytest.raises(TypeError, match="Sequential has no supported residual blocks.*register_block"):
+            dynroute.convert_resnet(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), (3, 32, 32))
+
+    def test_bare_block_is_refused(self):
+        with pytest.raises(TypeError, match="whole network.*GatedBlock"):
+            dynroute.convert_resnet(CifarBasicBlock(8, 8), (8, 8, 8))
+
+    def test_torchvision_needs_an_input_size(self):
+        with pytest.raises(ValueError, match="input_size=\\(3, 224, 224\\)"):
+            dynroute.convert_resnet(torchvision.models.resnet18())
+
+    def test_not_a_module_is_refused(self):
+        with pytest.raises(TypeError, match="torch.nn.Module"):
+            dynroute.convert_resnet("resnet50", (3, 224, 224))
+
+
+@pytest.mark.slow
+def test_every_timm_resnet_converts_with_equal_logits():
+    """All architectures of timm.list_models(module="resnet"), at 64 px, gates open."""
+    failures = []
+    names = timm.list_models(module="resnet")
+    for name in names:
+        torch.manual_seed(0)
+        original = timm.create_model(name, num_classes=3).eval()
+        converted = dynroute.convert_resnet(copy.deepcopy(original), input_size=(3, 64, 64))
+        dynroute.force_gates(converted, "open")
+        x = torch.randn(1, 3, 64, 64)
+        with torch.no_grad():
+            difference = (converted(x) - original(x)).abs().max().item()
+        if difference > 1e-5:
+            failures.append((name, difference))
+    assert len(names) >= 80 and failures == []

@@ -1,0 +1,81 @@
+import copy
+import warnings
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import dynroute
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
+
+
+def _fvcore_total(model: nn.Module, input_size: tuple[int, ...]) -> int:
+    analysis = FlopCountAnalysis(copy.deepcopy(model).eval(), torch.zeros(1, *input_size))
+    analysis.unsupported_ops_warnings(False)
+    return analysis.total()
+
+
+class TestMacsTable:
+    """The MAC table against fvcore on the unconverted model and against hand counts."""
+
+    @pytest.mark.parametrize(
+        "build, input_size",
+        [
+            (dynroute.models.resnet20, (3, 32, 32)),
+            (lambda: dynroute.models.resnet32(shortcut="B"), (3, 32, 32)),
+            (lambda: timm.create_model("resnet26d"), (3, 96, 96)),
+        ],
+    )
+    def test_dense_macs_equal_the_unconverted_model(self, build, input_size):
+        original = build()
+        table = dynroute.macs_table(dynroute.convert_resnet(copy.deepcopy(original), input_size=input_size))
+        assert table.dense_macs == _fvcore_total(original, input_size)
+
+    def test_cifar_block_and_router_by_hand(self):
+        table = dynroute.macs_table(dynroute.convert_resnet(dynroute.models.resnet20(), input_size=(3, 32, 32)))
+        # layer1 block: two 3x3 convs 16 -> 16 on 32x32, and two affine batch norms (2 flops per element).
+        conv = 16 * 16 * 9 * 32 * 32
+        batch_norm = 2 * 16 * 32 * 32
+        assert table.block_macs[0] == 2 * conv + 2 * batch_norm
+        # router of layer1: pooling reads 16 x 32 x 32 values, fc1 16 -> 16, fc2 16 -> 2 (no bias counted).
+        assert table.router_macs[0] == 16 * 32 * 32 + 16 * 16 + 16 * 2
+        assert table.block_input_shapes[0] == (16, 32, 32)
+        assert table.block_input_shapes[-1] == (64, 8, 8)
+        assert table.block_names[:2] == ("layer1.0", "layer1.1")
+
+    def test_closed_network_is_the_fixed_part(self):
+        model = dynroute.convert_resnet(dynroute.models.resnet20(), input_size=(3, 32, 32))
+        table = dynroute.macs_table(model)
+        assert table.fixed_macs == table.base_macs + sum(table.router_macs)
+        assert table.fixed_cost() == pytest.approx(table.fixed_macs / table.dense_macs)
+        assert table.block_costs().sum().item() == pytest.approx(1 - table.base_macs / table.dense_macs, rel=1e-6)
+
+    def test_measuring_does_not_change_the_model(self):
+        model = dynroute.convert_resnet(dynroute.models.resnet20(), input_size=(3, 32, 32)).train()
+        blocks = dict(dynroute.gated_blocks(model))
+        blocks["layer2.1"].force_gate("closed")
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        dynroute.build_macs_table(model, (3, 48, 48))
+        assert model.training and blocks["layer2.1"].forced_gate == "closed"
+        assert blocks["layer1.0"].forced_gate is None and blocks["layer1.0"].last_gate is None
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(value, before[key])
+
+    def test_format_lists_every_block_and_the_totals(self):
+        table = dynroute.macs_table(dynroute.convert_resnet(dynroute.models.resnet20(), input_size=(3, 32, 32)))
+        text = str(table)
+        assert all(name in text for name in table.block_names)
+        assert f"{table.dense_macs:,}" in text
+
+    def test_bad_input_size_and_unconverted_model(self):
+        model = dynroute.convert_resnet(dynroute.models.resnet20(), input_size=(3, 32, 32))
+        with pytest.raises(ValueError, match=r"\(C, H, W\)"):
+            dynroute.build_macs_table(model, (32, 32))
+        with pytest.raises(TypeError, match="convert_resnet"):
+            dynroute.macs_table(dynroute.models.resnet20())
+        with pytest.raises(TypeError, match="no gated blocks"):
+            dynroute.build_macs_table(dynroute.models.resnet20(), (3, 32, 32))

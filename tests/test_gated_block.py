@@ -1,0 +1,242 @@
+import copy
+
+import pytest
+import timm.models.resnet as timm_resnet
+import torch
+import torchvision.models.resnet as tv_resnet
+from torch import nn
+
+import dynroute
+from dynroute import GatedBlock
+from dynroute.models import CifarBasicBlock
+
+
+def _random_router(block: GatedBlock, x: torch.Tensor) -> GatedBlock:
+    """Random router weights, centred on the inputs x so that about half of them are routed."""
+    nn.init.normal_(block.router.fc2.weight, std=3.0)
+    nn.init.zeros_(block.router.fc2.bias)
+    with torch.no_grad():
+        logits = block.router(x)
+        block.router.fc2.bias[1] -= (logits[:, 1] - logits[:, 0]).median() + 1e-3
+    return block
+
+
+def _blocks():
+    return {
+        "cifar-identity": (CifarBasicBlock(8, 8), (8, 8, 8)),
+        "cifar-option-a": (CifarBasicBlock(8, 16, stride=2), (8, 8, 8)),
+        "cifar-option-b": (CifarBasicBlock(8, 16, stride=2, shortcut="B"), (8, 8, 8)),
+        "tv-basic-down": (
+            tv_resnet.BasicBlock(8, 16, 2, nn.Sequential(nn.Conv2d(8, 16, 1, 2, bias=False), nn.BatchNorm2d(16))),
+            (8, 8, 8),
+        ),
+        "tv-bottleneck": (tv_resnet.Bottleneck(16, 4), (16, 6, 6)),
+        "timm-basic": (timm_resnet.BasicBlock(8, 8), (8, 8, 8)),
+        "timm-bottleneck-down": (
+            timm_resnet.Bottleneck(
+                8, 4, stride=2, downsample=nn.Sequential(nn.Conv2d(8, 16, 1, 2), nn.BatchNorm2d(16))
+            ),
+            (8, 8, 8),
+        ),
+    }
+
+
+def _inputs(n: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Non-negative block inputs whose channel means differ per sample, so routers disagree."""
+    return torch.randn(n, *shape).relu() * torch.rand(n, shape[0], 1, 1) * 4
+
+
+def _perturb_batchnorm(module: nn.Module) -> None:
+    for bn in module.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.data.normal_()
+            bn.bias.data.normal_()
+
+
+def _shortcut_reference(original: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What a skipped block outputs, written from each library's own block layout."""
+    if isinstance(original, CifarBasicBlock):
+        return torch.relu(original.shortcut(x))
+    identity = x if original.downsample is None else original.downsample(x)
+    return torch.relu(identity)
+
+
+@pytest.mark.parametrize("name", list(_blocks()))
+class TestGatedBlockAgainstOriginal:
+    """GatedBlock against the unconverted block run sample by sample (brute force)."""
+
+    def _pair(self, name):
+        original, shape = _blocks()[name]
+        _perturb_batchnorm(original)
+        original.eval()
+        x = _inputs(12, shape)
+        return original, _random_router(GatedBlock(copy.deepcopy(original)), x).eval(), x
+
+    def test_eval_equals_per_sample_reference(self, name):
+        original, gated, x = self._pair(name)
+        with torch.no_grad():
+            out = gated(x)
+            gates = gated.last_gate
+            reference = torch.cat(
+                [original(x[i : i + 1]) if gates[i] else _shortcut_reference(original, x[i : i + 1]) for i in range(12)]
+            )
+        assert 0 < gates.sum() < 12, "the test needs a mix of routed and skipped samples"
+        torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
+
+    def test_batch_of_one_runs_or_skips(self, name):
+        original, gated, x = self._pair(name)
+        with torch.no_grad():
+            for i in range(6):
+                out = gated(x[i : i + 1])
+                expected = original(x[i : i + 1]) if gated.last_gate[0] else _shortcut_reference(original, x[i : i + 1])
+                torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+    def test_forced_open_is_the_original_block(self, name):
+        original, gated, x = self._pair(name)
+        gated.force_gate("open")
+        with torch.no_grad():
+            torch.testing.assert_close(gated(x), original(x), atol=1e-6, rtol=0)
+        assert gated.last_gate.eq(1).all()
+
+    def test_forced_closed_is_the_shortcut(self, name):
+        original, gated, x = self._pair(name)
+        gated.force_gate("closed")
+        with torch.no_grad():
+            torch.testing.assert_close(gated(x), _shortcut_reference(original, x), atol=1e-6, rtol=0)
+        assert gated.last_gate.eq(0).all()
+
+    def test_sparse_equals_masked(self, name):
+        _, gated, x = self._pair(name)
+        with torch.no_grad():
+            sparse = gated(x)
+            gated.set_execution("masked")
+            masked = gated(x)
+        torch.testing.assert_close(sparse, masked, atol=1e-5, rtol=0)
+
+
+class TestSparseExecution:
+    """In eval the residual branch runs only on the samples routed to it."""
+
+    def test_branch_sees_only_routed_rows(self):
+        x = _inputs(32, (8, 8, 8))
+        gated = _random_router(GatedBlock(CifarBasicBlock(8, 8)), x).eval()
+        seen = []
+        gated.conv1.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+        with torch.no_grad():
+            gated(x)
+        routed = int(gated.last_gate.sum())
+        assert 0 < routed < 32
+        assert seen == [routed]
+
+    def test_closed_block_computes_no_branch(self):
+        gated = GatedBlock(CifarBasicBlock(8, 8)).eval()
+        gated.force_gate("closed")
+        calls = []
+        gated.conv1.register_forward_hook(lambda *args: calls.append(1))
+        gated(torch.randn(4, 8, 8, 8))
+        assert calls == []
+
+    def test_skipped_identity_block_leaves_its_input_alone_and_backpropagates(self):
+        # torchvision's shared ReLU is in place; a skipped identity block must not write into x.
+        gated = GatedBlock(tv_resnet.BasicBlock(8, 8))
+        gated.hard_decisions = True
+        gated.force_gate(None)
+        nn.init.constant_(gated.router.fc2.bias, 0.0)
+        gated.router.fc2.bias.data[0] = 10.0  # always skip
+        x = torch.randn(4, 8, 8, 8, requires_grad=True)
+        y = x * 1.0
+        before = y.detach().clone()
+        out = gated(y)
+        torch.testing.assert_close(y.detach(), before)
+        out.sum().backward()
+        torch.testing.assert_close(x.grad, (before > 0).float())
+
+
+class TestTrainMode:
+    """Train mode computes Eq. 7 with relaxed gates; stage 2 uses hard decisions."""
+
+    def test_relaxed_forward_is_eq7(self):
+        original = CifarBasicBlock(8, 16, stride=2, shortcut="B")
+        x = _inputs(6, (8, 8, 8))
+        gated = _random_router(GatedBlock(copy.deepcopy(original)), x).train()
+        out = gated(x)
+        v = gated.last_gate
+        assert ((v > 0) & (v < 1)).all()
+        # Eq. 7 from the original block's own modules, with batch statistics as in training.
+        original.train()
+        residual = original.bn2(original.conv2(torch.relu(original.bn1(original.conv1(x)))))
+        expected = torch.relu(original.shortcut(x) + v.detach().view(-1, 1, 1, 1) * residual)
+        torch.testing.assert_close(out.detach(), expected.detach(), atol=1e-5, rtol=1e-5)
+
+    def test_gates_carry_gradients_to_the_router(self):
+        gated = GatedBlock(CifarBasicBlock(8, 8)).train()
+        gated(torch.randn(4, 8, 8, 8)).sum().backward()
+        assert gated.router.fc2.bias.grad is not None and gated.router.fc2.bias.grad.abs().sum() > 0
+
+    def test_hard_decisions_in_training_use_argmax_and_train_the_branch(self):
+        x = _inputs(16, (8, 8, 8))
+        gated = _random_router(GatedBlock(CifarBasicBlock(8, 8)), x).train()
+        gated.hard_decisions = True
+        gated(x).sum().backward()
+        torch.testing.assert_close(gated.last_gate, dynroute.hard_gate(gated.last_logits))
+        assert gated.conv1.weight.grad.abs().sum() > 0
+
+
+class TestValidation:
+    """Clear errors for unsupported blocks, bad inputs and bad settings."""
+
+    def test_unregistered_block_is_refused(self):
+        with pytest.raises(TypeError, match="register_block"):
+            GatedBlock(nn.Conv2d(3, 3, 1))
+
+    def test_non_4d_input_is_refused(self):
+        with pytest.raises(ValueError, match="unsqueeze"):
+            GatedBlock(CifarBasicBlock(8, 8))(torch.randn(8, 8, 8))
+
+    def test_bad_forced_gate_and_execution(self):
+        gated = GatedBlock(CifarBasicBlock(8, 8))
+        with pytest.raises(ValueError, match="'open', 'closed' or None"):
+            gated.force_gate("half")
+        with pytest.raises(ValueError, match="execution"):
+            gated.set_execution("lazy")
+
+    def test_state_dict_keys_are_the_blocks_plus_router(self):
+        block = CifarBasicBlock(8, 16, stride=2, shortcut="B")
+        keys = set(GatedBlock(block).state_dict())
+        assert {k for k in keys if not k.startswith("router.")} == set(block.state_dict())
+
+
+class TestRegistry:
+    """A user can teach the converter a new block type."""
+
+    def test_register_a_custom_block(self):
+        class TinyBlock(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+            def forward(self, x):
+                return torch.relu(self.conv(x) + x)
+
+        dynroute.register_block(
+            TinyBlock,
+            dynroute.BlockAdapter(
+                residual=lambda b, x: b.conv(x),
+                shortcut=lambda b, x: x,
+                activation=lambda b, x: torch.relu(x),
+                in_channels=lambda b: b.conv.in_channels,
+            ),
+        )
+        original = TinyBlock()
+        gated = GatedBlock(copy.deepcopy(original)).eval()
+        gated.force_gate("open")
+        x = torch.randn(2, 4, 5, 5)
+        torch.testing.assert_close(gated(x), original(x))
+
+    def test_registry_refuses_wrong_arguments(self):
+        with pytest.raises(TypeError, match="nn.Module subclass"):
+            dynroute.register_block("Block", None)
+        with pytest.raises(TypeError, match="BlockAdapter"):
+            dynroute.register_block(nn.Conv2d, lambda b, x: x)

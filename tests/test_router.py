@@ -1,0 +1,82 @@
+import math
+
+import pytest
+import timm
+import torch
+from scipy.stats import binomtest
+
+import dynroute
+from dynroute import Router
+
+
+class TestRouter:
+    """Router (Eq. 3-6): shapes, initial opening probability, relaxation and eval determinism."""
+
+    def test_logits_shape_and_hidden_width(self):
+        router = Router(64, rd_ratio=0.25)
+        assert router.fc1.out_features == 16
+        assert router(torch.randn(5, 64, 7, 7)).shape == (5, 2)
+
+    def test_initial_gate_opens_with_init_open_prob(self):
+        router = Router(32, init_open_prob=0.8)
+        probs = router(torch.randn(10, 32, 4, 4)).softmax(-1)[:, 1]
+        torch.testing.assert_close(probs, torch.full((10,), 0.8))
+
+    @pytest.mark.parametrize("relaxation", ["gumbel", "straight_through"])
+    def test_relaxed_gate_opens_at_the_router_probability(self, relaxation):
+        # For a binary Gumbel-softmax, P(v > 0.5) equals the softmax probability of "run".
+        torch.manual_seed(1)
+        logits = torch.tensor([[0.0, math.log(0.7 / 0.3)]]).repeat(4000, 1)
+        gates = dynroute.relaxed_gate(logits, relaxation=relaxation)
+        opened = int((gates > 0.5).sum())
+        assert binomtest(opened, 4000, 0.7).pvalue > 1e-3
+        if relaxation == "straight_through":
+            assert set(gates.unique().tolist()) <= {0.0, 1.0}
+        else:
+            assert ((gates > 0) & (gates < 1)).all()
+
+    def test_straight_through_passes_soft_gradients(self):
+        logits = torch.zeros(8, 2, requires_grad=True)
+        dynroute.relaxed_gate(logits, relaxation="straight_through").sum().backward()
+        assert logits.grad.abs().sum() > 0
+
+    def test_eval_decision_is_deterministic_argmax(self):
+        logits = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-1.0, -0.5]])
+        torch.testing.assert_close(dynroute.hard_gate(logits), torch.tensor([0.0, 1.0, 1.0]))
+        block = dynroute.GatedBlock(dynroute.models.CifarBasicBlock(8, 8)).eval()
+        x = torch.randn(6, 8, 8, 8)
+        block(x)
+        first = block.last_gate.clone()
+        block(x)
+        torch.testing.assert_close(block.last_gate, first)
+
+    @pytest.mark.parametrize(
+        "kwargs, message",
+        [
+            ({"init_open_prob": 1.0}, "init_open_prob"),
+            ({"temperature": 0.0}, "temperature"),
+            ({"relaxation": "concrete"}, "relaxation"),
+        ],
+    )
+    def test_bad_settings_are_refused(self, kwargs, message):
+        with pytest.raises(ValueError, match=message):
+            Router(16, **kwargs)
+
+    def test_extra_repr_tells_the_settings(self):
+        assert "relaxation='straight_through'" in repr(Router(16, relaxation="straight_through"))
+
+
+@pytest.mark.parametrize(
+    "build, input_size",
+    [
+        (lambda: timm.create_model("resnet18"), (3, 224, 224)),
+        (lambda: timm.create_model("resnet50"), (3, 224, 224)),
+        (dynroute.models.resnet20, (3, 32, 32)),
+        (dynroute.models.resnet110, (3, 32, 32)),
+    ],
+    ids=["timm-resnet18", "timm-resnet50", "cifar-resnet20", "cifar-resnet110"],
+)
+def test_router_costs_under_one_percent_of_its_block(build, input_size):
+    table = dynroute.macs_table(dynroute.convert_resnet(build(), input_size=input_size))
+    ratios = [router / block for router, block in zip(table.router_macs, table.block_macs)]
+    assert all(0 < ratio < 0.01 for ratio in ratios), max(ratios)
