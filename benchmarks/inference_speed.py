@@ -22,6 +22,8 @@ the noise of a shared machine hits each alike, and takes medians.
 
 import argparse
 import copy
+import ctypes
+import ctypes.util
 import math
 import platform
 import statistics
@@ -64,18 +66,20 @@ QUICK_DEFAULTS = {
     "min_time": 0.0,
     "image_size": 32,
 }
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 TARGET_BATCH_1 = 0.85
 TARGET_LARGE_BATCH = 0.9
 
 
 @dataclass(frozen=True)
 class TimingOptions:
-    """How to time: interleaved repeats (median), untimed warm-up calls, seconds per measurement."""
+    """How to time: interleaved repeats (median), untimed warm-up calls, seconds per measurement, clock."""
 
     repeats: int
     warmup: int
     min_time: float
     device: torch.device
+    clock: Callable[[], float] = time.perf_counter
 
 
 @dataclass(frozen=True)
@@ -172,19 +176,34 @@ class FixedDecisions:
             del router.forward
 
 
+def keep_freed_memory() -> None:
+    """Make glibc's malloc keep freed memory instead of returning blocks over 32 MiB to the OS.
+
+    By default every large activation is a fresh ``mmap`` whose pages fault in (and are zeroed) on
+    first touch, once per forward: on this machine that is half the CPU time of a dense ResNet-50
+    forward at batch 32, and sparse execution, which allocates the gathered rows and the output on
+    top of the branch's own buffers, pays proportionally more. jemalloc or tcmalloc (LD_PRELOAD) do
+    the same; both are the usual advice for CPU inference.
+    """
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    m_mmap_max, m_trim_threshold = -4, -1  # from glibc's malloc.h
+    if not (libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**31 - 1)):
+        raise RuntimeError("mallopt() refused the settings; run with --malloc default on this C library")
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def time_call(fn: Callable[[], object], number: int, device: torch.device) -> float:
-    """Mean wall time in seconds of ``number`` calls of ``fn``, synchronizing CUDA around them."""
-    _synchronize(device)
-    start = time.perf_counter()
+def time_call(fn: Callable[[], object], number: int, options: TimingOptions) -> float:
+    """Mean seconds of ``number`` calls of ``fn`` on ``options.clock``, synchronizing CUDA around them."""
+    _synchronize(options.device)
+    start = options.clock()
     for _ in range(number):
         fn()
-    _synchronize(device)
-    return (time.perf_counter() - start) / number
+    _synchronize(options.device)
+    return (options.clock() - start) / number
 
 
 def interleaved_times(variants: dict[str, Callable[[], object]], options: TimingOptions) -> dict[str, list[float]]:
@@ -196,11 +215,11 @@ def interleaved_times(variants: dict[str, Callable[[], object]], options: Timing
         for _ in range(options.warmup):
             run()
     first = next(iter(variants.values()))
-    number = max(1, math.ceil(options.min_time / time_call(first, 1, options.device)))
+    number = max(1, math.ceil(options.min_time / time_call(first, 1, options)))
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(options.repeats):
         for name, run in variants.items():
-            times[name].append(time_call(run, number, options.device))
+            times[name].append(time_call(run, number, options))
     return times
 
 
@@ -319,6 +338,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=positive, help="override every model's input height and width")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--malloc",
+        choices=("default", "keep"),
+        default="default",
+        help="'keep': glibc keeps freed memory, so large activations are not page-faulted in every forward",
+    )
+    parser.add_argument(
+        "--clock",
+        choices=tuple(CLOCKS),
+        default="wall",
+        help="'cpu': CPU seconds of this process, blind to other jobs' load (use with --threads 1)",
+    )
+    parser.add_argument("--threads", type=positive, help="torch intra-op threads; default torch's own")
     parser.add_argument("--quick", action="store_true", help="tiny models and sizes, a few seconds (a smoke test)")
     args = parser.parse_args(argv)
     for name, value in (QUICK_DEFAULTS if args.quick else FULL_DEFAULTS).items():
@@ -330,10 +362,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> list[Row]:
     """Run the benchmark, print its table and return its rows."""
     args = parse_args(argv)
-    options = TimingOptions(args.repeats, args.warmup, args.min_time, torch.device(args.device))
+    if args.malloc == "keep":
+        keep_freed_memory()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    options = TimingOptions(args.repeats, args.warmup, args.min_time, torch.device(args.device), CLOCKS[args.clock])
     print(
         f"torch {torch.__version__}, {options.device}, {torch.get_num_threads()} threads, "
-        f"{platform.processor() or platform.machine()}; median of {args.repeats} interleaved repeats",
+        f"{platform.processor() or platform.machine()}, malloc {args.malloc}, "
+        f"{args.clock} clock; median of {args.repeats} interleaved repeats",
         flush=True,
     )
     rows, input_sizes = [], {}
