@@ -8,8 +8,8 @@ overridden by fixed random ones: each sample runs ``round(rate * n_blocks)`` blo
 (seeded), so every row measures the rate it names. Printed per (model, batch, rate, execution):
 
 - MAC ratio: routed / dense MACs of those decisions, from :func:`dynroute.sample_macs` and the MAC
-  table (routers included);
-- time ratio: routed / dense wall time, the median over interleaved repeats of the paired ratio;
+  table (routers included); the masked rows show the same promised ratio, which they do not cash;
+- time ratio: routed / dense time, the median over interleaved repeats of the paired ratio;
 - efficiency: time speedup / MAC speedup = MAC ratio / time ratio (1.0: every saved MAC saves time).
 
 Timing warms up, then interleaves dense, sparse and masked runs of every rate (ABCABC...) so that
@@ -18,6 +18,7 @@ the noise of a shared machine hits each alike, and takes medians.
     python benchmarks/inference_speed.py                      # resnet50 and cifar_resnet110, a few minutes
     python benchmarks/inference_speed.py --models cifar_resnet110 --batches 1 --repeats 21
     python benchmarks/inference_speed.py --quick              # tiny sizes, a few seconds
+    python benchmarks/inference_speed.py --clock cpu --threads 1 --malloc keep   # on a busy shared machine
 """
 
 import argparse
