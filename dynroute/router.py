@@ -43,7 +43,8 @@ def relaxed_gate(
 
 def hard_gate(logits: Tensor) -> Tensor:
     """Deterministic decision u_k = argmax(U_k) of Eq. 13, shape (N, 2) -> (N,) float32 of 0/1."""
-    return (logits[:, 1] > logits[:, 0]).float()
+    skip, run = logits.unbind(1)  # one op for both columns: this runs once per block and forward
+    return (run > skip).float()
 
 
 class Router(nn.Module):

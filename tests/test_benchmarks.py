@@ -1,0 +1,143 @@
+"""The inference-speed benchmark runs, and the fixed decisions it imposes are the ones it measures."""
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dynroute
+
+_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "inference_speed.py"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("inference_speed", _SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_script()
+
+
+@pytest.fixture(scope="module", params=["cifar_resnet20", "resnet26"])
+def networks(request):
+    """(dense, {"sparse": ..., "masked": ...}, input_size) of a small model of each family."""
+    spec = bench.MODELS[request.param]
+    spec = bench.ModelSpec(spec.factory, (3, 32, 32), spec.batches)
+    dense, routed = bench.build_networks(spec, torch.Generator().manual_seed(0))
+    return dense, routed, spec.input_size
+
+
+def _forward(model, decisions, images):
+    override = bench.FixedDecisions(model)
+    override.logits = bench.decision_logits(decisions)
+    try:
+        with torch.inference_mode():
+            return model(images), dynroute.routing_paths(model)
+    finally:
+        override.remove()
+
+
+class TestQuickRun:
+    """``--quick`` runs end to end in seconds and prints a sane table."""
+
+    def test_quick_mode_prints_every_row(self, capsys):
+        threads = torch.get_num_threads()
+        try:  # one thread: two threads crawl when the cores are shared with other jobs
+            rows = bench.main(["--quick", "--repeats", "2", "--threads", "1"])
+        finally:
+            torch.set_num_threads(threads)
+        out = capsys.readouterr().out
+        assert len(rows) == 2 * 2 * 2 * 2  # models x batches x rates x executions
+        assert {row.model for row in rows} == set(bench.QUICK_DEFAULTS["models"])
+        for row in rows:
+            assert 0 < row.macs_ratio < 1
+            assert math.isfinite(row.time_ratio) and row.time_ratio > 0
+            assert row.dense_ms > 0 and row.routed_ms > 0
+            assert row.max_abs_diff <= 1e-5
+            assert f"{row.efficiency:.3f}" in out
+        assert "efficiency" in out and "max |logits(sparse) - logits(masked)|" in out
+
+    def test_bad_arguments_are_refused(self):
+        for argv in (["--rates", "1.5"], ["--repeats", "0"], ["--batches", "0"], ["--models", "vgg16"]):
+            with pytest.raises(SystemExit):
+                bench.parse_args(argv)
+
+
+class TestFixedDecisions:
+    """The hooks impose the drawn decisions, with sparse and masked execution alike."""
+
+    def test_paths_are_the_decisions_and_sparse_equals_masked(self, networks):
+        _, routed, input_size = networks
+        images = torch.randn(6, *input_size)
+        decisions = bench.random_decisions(6, dynroute.macs_table(routed["sparse"]).num_blocks, 0.5, torch.Generator())
+        sparse, sparse_paths = _forward(routed["sparse"], decisions, images)
+        masked, masked_paths = _forward(routed["masked"], decisions, images)
+        torch.testing.assert_close(sparse_paths, decisions, atol=0, rtol=0)
+        torch.testing.assert_close(masked_paths, decisions, atol=0, rtol=0)
+        torch.testing.assert_close(sparse, masked, atol=1e-5, rtol=0)
+
+    def test_all_run_is_the_dense_original_and_none_is_all_closed(self, networks):
+        dense, routed, input_size = networks
+        model = routed["sparse"]
+        images = torch.randn(3, *input_size)
+        num_blocks = dynroute.macs_table(model).num_blocks
+        with torch.inference_mode():
+            reference, closed = dense(images), dynroute.force_gates(model, "closed")(images)
+        dynroute.force_gates(model, None)
+        all_run, _ = _forward(model, torch.ones(3, num_blocks), images)
+        none_run, _ = _forward(model, torch.zeros(3, num_blocks), images)
+        torch.testing.assert_close(all_run, reference, atol=1e-5, rtol=0)
+        torch.testing.assert_close(none_run, closed, atol=1e-5, rtol=0)
+        assert (all_run - none_run).abs().max() > 1e-3, "the comparison needs non-zero residual branches"
+
+    def test_removed_hooks_let_the_routers_decide(self, networks):
+        _, routed, input_size = networks
+        model = routed["sparse"]
+        images = torch.randn(2, *input_size)
+        _forward(model, torch.zeros(2, dynroute.macs_table(model).num_blocks), images)
+        with torch.inference_mode():
+            model(images)
+        assert dynroute.routing_paths(model).eq(1).all()  # fresh routers open every gate
+
+    def test_wrong_batch_is_refused(self, networks):
+        _, routed, input_size = networks
+        model = routed["sparse"]
+        with pytest.raises(ValueError, match="fixed logits"):
+            _forward(model, torch.ones(4, dynroute.macs_table(model).num_blocks), torch.randn(2, *input_size))
+
+
+class TestDecisionsAndAccounting:
+    """Random decisions at a fixed rate, and the MAC ratio written out from the table's fields."""
+
+    def test_every_sample_runs_the_rate_of_blocks_at_random(self):
+        decisions = bench.random_decisions(64, 54, 0.7, torch.Generator().manual_seed(1))
+        assert decisions.sum(dim=1).eq(round(0.7 * 54)).all()
+        assert torch.unique(decisions, dim=0).shape[0] == 64
+        assert 0.5 < decisions.mean(dim=0).min() and decisions.mean(dim=0).max() < 0.9
+        again = bench.random_decisions(64, 54, 0.7, torch.Generator().manual_seed(1))
+        torch.testing.assert_close(decisions, again, atol=0, rtol=0)
+        with pytest.raises(ValueError, match="execution rate"):
+            bench.random_decisions(2, 4, -0.1, torch.Generator())
+
+    def test_macs_ratio_is_routed_over_dense(self):
+        model = dynroute.convert_resnet(dynroute.models.resnet20(), input_size=(3, 32, 32))
+        table = dynroute.macs_table(model)
+        decisions = bench.random_decisions(5, table.num_blocks, 0.5, torch.Generator().manual_seed(2))
+        per_sample = [
+            table.base_macs
+            + sum(table.router_macs)
+            + sum(macs for macs, run in zip(table.block_macs, row.tolist()) if run)
+            for row in decisions
+        ]
+        expected = sum(per_sample) / len(per_sample) / (table.base_macs + sum(table.block_macs))
+        assert bench.macs_ratio(decisions, table) == pytest.approx(expected, rel=1e-12)
+
+    def test_efficiency_is_time_speedup_over_mac_speedup(self):
+        row = bench.Row("m", 1, 0.5, "sparse", 10.0, 6.0, macs_ratio=0.5, time_ratio=0.6, max_abs_diff=0.0)
+        assert row.efficiency == pytest.approx((1 / 0.6) / (1 / 0.5))
