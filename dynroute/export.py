@@ -7,6 +7,7 @@ and multiplied by its 0/1 decision, so the outputs are those of sparse execution
 """
 
 import copy
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -60,4 +61,6 @@ def export_program(
     if with_paths:
         exported = WithPaths(exported)
     dynamic_shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
-    return torch.export.export(exported, (example_inputs,), dynamic_shapes=dynamic_shapes)
+    with warnings.catch_warnings():  # the gates a forward records stay Python attributes: with_paths returns them
+        warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
+        return torch.export.export(exported, (example_inputs,), dynamic_shapes=dynamic_shapes)

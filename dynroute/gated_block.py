@@ -163,7 +163,7 @@ class GatedBlock(nn.Module):
         trainable = [parameter for parameter in self.block.parameters() if parameter.requires_grad]
         if not trainable:
             return shortcut
-        return shortcut + sum(parameter.view(-1)[:0].sum() for parameter in trainable).to(shortcut.dtype)
+        return shortcut + sum(torch.atleast_1d(p).narrow(0, 0, 0).sum() for p in trainable).to(shortcut.dtype)
 
     def extra_repr(self) -> str:
         block = type(self.block).__qualname__
