@@ -22,6 +22,20 @@ Execution = Literal["sparse", "masked"]
 _EXECUTIONS = ("sparse", "masked")
 
 
+def check_image_batch(x: Tensor, receiver: str) -> None:
+    """Raise a ValueError naming the fix unless x is a non-empty (N, C, H, W) batch."""
+    if x.dim() != 4:
+        raise ValueError(
+            f"{receiver} expects a batched 4D input (N, C, H, W), but got shape {tuple(x.shape)}; "
+            "add a batch dimension with x.unsqueeze(0)"
+        )
+    if x.shape[0] == 0:
+        raise ValueError(
+            f"{receiver} got an empty batch of shape {tuple(x.shape)}; skip empty batches before the model "
+            "(a DataLoader with drop_last=True never yields one)"
+        )
+
+
 def _memory_format(x: Tensor) -> torch.memory_format:
     """``torch.channels_last`` for an NHWC-strided 4D tensor, else ``torch.contiguous_format``."""
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
@@ -108,16 +122,7 @@ class GatedBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, C_in, H, W) -> (N, C_out, H', W'), the block's output under this forward's gates."""
-        if x.dim() != 4:
-            raise ValueError(
-                f"GatedBlock expects a batched 4D input (N, C, H, W), but got shape {tuple(x.shape)}; "
-                "add a batch dimension with x.unsqueeze(0)"
-            )
-        if x.shape[0] == 0:
-            raise ValueError(
-                f"GatedBlock got an empty batch of shape {tuple(x.shape)}; skip empty batches before the model "
-                "(a DataLoader with drop_last=True never yields one)"
-            )
+        check_image_batch(x, "GatedBlock")
         adapter = self.adapter
         logits = self.router(x)
         shortcut = adapter.shortcut(self.block, x)
