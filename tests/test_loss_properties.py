@@ -41,18 +41,39 @@ def _centre_distances(paths: torch.Tensor, views: int) -> torch.Tensor:
     return distances[~torch.eye(len(centres), dtype=torch.bool)]
 
 
-class TestConsistencyProperties:
-    """Eq. 8 is >= 0, zero exactly when every view lies within m_c of its centre, and order-free."""
+# loss, fewest views it takes, margin range
+PATH_LOSSES = {
+    "consistency": (dynroute.consistency_loss, 2, 1.0),
+    "diversity": (dynroute.diversity_loss, 1, 2.0),
+}
 
+
+class TestPathLossProperties:
+    """Eq. 8 and Eq. 9 are >= 0 and do not depend on the order of the samples or of their views."""
+
+    @pytest.mark.parametrize("name", PATH_LOSSES)
     @SETTINGS
-    @given(batches(min_views=2), st.floats(0.0, 1.0))
-    def test_non_negative(self, batch, margin):
-        paths, _, views = batch
-        assert dynroute.consistency_loss(paths, views, margin) >= 0
+    @given(data=st.data())
+    def test_non_negative(self, name, data):
+        loss, min_views, max_margin = PATH_LOSSES[name]
+        paths, _, views = data.draw(batches(min_views))
+        assert loss(paths, views, data.draw(st.floats(0.0, max_margin))) >= 0
+
+    @pytest.mark.parametrize("name", PATH_LOSSES)
+    @SETTINGS
+    @given(data=st.data(), seed=st.integers(0, 2**16))
+    def test_invariant_to_permutations(self, name, data, seed):
+        loss, min_views, _ = PATH_LOSSES[name]
+        paths, samples, views = data.draw(batches(min_views))
+        torch.testing.assert_close(loss(_permute(paths, samples, views, seed), views), loss(paths, views))
+
+
+class TestMargins:
+    """Eq. 8 is zero exactly when every view lies within m_c of its centre; Eq. 9 when centres are m_d apart."""
 
     @SETTINGS
     @given(batches(min_views=2))
-    def test_zero_iff_views_within_margin(self, batch):
+    def test_consistency_zero_iff_views_within_margin(self, batch):
         paths, _, views = batch
         farthest = _distances_to_centres(paths, views).max().item()
         assert dynroute.consistency_loss(paths, views, margin=farthest * (1 + 1e-9) + 1e-12) == 0
@@ -60,36 +81,12 @@ class TestConsistencyProperties:
             assert dynroute.consistency_loss(paths, views, margin=farthest / 2) > 0
 
     @SETTINGS
-    @given(batches(min_views=2), st.integers(0, 2**16))
-    def test_invariant_to_permutations(self, batch, seed):
-        paths, samples, views = batch
-        permuted = _permute(paths, samples, views, seed)
-        torch.testing.assert_close(dynroute.consistency_loss(permuted, views), dynroute.consistency_loss(paths, views))
-
-
-class TestDiversityProperties:
-    """Eq. 9 is >= 0, zero exactly when every centre pair is at least m_d apart, and order-free."""
-
-    @SETTINGS
-    @given(batches(), st.floats(0.0, 2.0))
-    def test_non_negative(self, batch, margin):
-        paths, _, views = batch
-        assert dynroute.diversity_loss(paths, views, margin) >= 0
-
-    @SETTINGS
     @given(batches())
-    def test_zero_iff_centres_apart(self, batch):
+    def test_diversity_zero_iff_centres_apart(self, batch):
         paths, _, views = batch
         nearest = _centre_distances(paths, views).min().item()
         assert dynroute.diversity_loss(paths, views, margin=nearest * (1 - 1e-9)) == 0
         assert dynroute.diversity_loss(paths, views, margin=nearest + 0.1) > 0
-
-    @SETTINGS
-    @given(batches(), st.integers(0, 2**16))
-    def test_invariant_to_permutations(self, batch, seed):
-        paths, samples, views = batch
-        permuted = _permute(paths, samples, views, seed)
-        torch.testing.assert_close(dynroute.diversity_loss(permuted, views), dynroute.diversity_loss(paths, views))
 
 
 class TestCostProperties:
