@@ -2,9 +2,11 @@
 
 from dynroute import models
 from dynroute._version import __version__
-from dynroute.accounting import count_distinct_paths, hard_paths, macs_fraction, sample_macs
+from dynroute.accounting import count_distinct_paths, forward_macs, hard_paths, macs_fraction, sample_macs
 from dynroute.adapters import BlockAdapter, get_adapter, register_block, registered_block_types
+from dynroute.checkpoint import load_dense_state_dict
 from dynroute.convert import convert_resnet
+from dynroute.export import WithPaths, export_program
 from dynroute.flops import MacsTable, build_macs_table, macs_table
 from dynroute.gated_block import GatedBlock
 from dynroute.losses import (
@@ -55,4 +57,9 @@ __all__ = [
     "macs_fraction",
     "hard_paths",
     "count_distinct_paths",
+    "forward_macs",
+    # checkpoints and deployment
+    "load_dense_state_dict",
+    "WithPaths",
+    "export_program",
 ]

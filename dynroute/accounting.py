@@ -1,11 +1,12 @@
 """What a routed forward actually computed: per-sample MACs and distinct paths."""
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from dynroute.flops import MacsTable
+from dynroute.flops import MacsTable, macs_table
+from dynroute.routing import gated_blocks, routing_paths
 
-__all__ = ["hard_paths", "sample_macs", "macs_fraction", "count_distinct_paths"]
+__all__ = ["hard_paths", "sample_macs", "macs_fraction", "count_distinct_paths", "forward_macs"]
 
 
 def hard_paths(paths: Tensor) -> Tensor:
@@ -32,3 +33,27 @@ def macs_fraction(paths: Tensor, table: MacsTable) -> float:
 def count_distinct_paths(paths: Tensor) -> int:
     """Number of distinct hard paths among the rows of ``paths`` (N, n_blocks)."""
     return torch.unique(hard_paths(paths), dim=0).shape[0]
+
+
+def forward_macs(model: nn.Module, table: MacsTable | None = None) -> Tensor:
+    """MACs each sample of ``model``'s last forward paid (N,), float64, at the input size that forward had.
+
+    A MAC table holds for one input size: a block's MACs grow with its input's area. If the last
+    forward ran at another size than the table's (train at 224, test at 256), this raises rather
+    than count wrongly; measure a table at that size once with :func:`dynroute.build_macs_table`.
+
+    Args:
+        model: a converted model (or its DDP / ``torch.compile`` wrapper) after a forward.
+        table: the MAC table to count with; default :func:`dynroute.macs_table` (model).
+    """
+    table = macs_table(model) if table is None else table
+    paths = routing_paths(model)
+    for (name, block), measured in zip(gated_blocks(model), table.block_input_shapes):
+        seen = tuple(block.last_input_shape[1:])
+        if seen != tuple(measured):
+            raise ValueError(
+                f"block {name!r} ran on inputs of shape {seen}, but the MAC table was measured at input_size "
+                f"{tuple(table.input_size)}, where it sees {tuple(measured)}; MACs depend on the input size, so "
+                "measure a table at yours, table = dynroute.build_macs_table(model, (C, H, W)), and pass table=table"
+            )
+    return sample_macs(paths, table)

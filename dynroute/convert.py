@@ -3,11 +3,11 @@
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from dynroute.adapters import get_adapter, registered_block_types
 from dynroute.flops import attach_macs_table, build_macs_table
-from dynroute.gated_block import GatedBlock
+from dynroute.gated_block import GatedBlock, check_image_batch
 from dynroute.router import Router
 
 __all__ = ["convert_resnet"]
@@ -49,6 +49,12 @@ def _find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
                 "converter with dynroute.register_block(type(block), dynroute.BlockAdapter(...))"
             )
     return blocks
+
+
+def _check_input(model: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of a converted model: unbatched or empty input fails before the stem, naming the fix."""
+    if args and isinstance(args[0], Tensor):
+        check_image_batch(args[0], f"converted {type(model).__name__}")
 
 
 def _select(blocks: list[tuple[str, nn.Module]], selector: BlockSelector | None) -> list[tuple[str, nn.Module]]:
@@ -119,5 +125,6 @@ def convert_resnet(
         gated.train(block.training)
         parent_name, _, child_name = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child_name, gated)
+    model.register_forward_pre_hook(_check_input)
     attach_macs_table(model, build_macs_table(model, input_size))
     return model

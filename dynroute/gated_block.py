@@ -22,6 +22,26 @@ Execution = Literal["sparse", "masked"]
 _EXECUTIONS = ("sparse", "masked")
 
 
+def check_image_batch(x: Tensor, receiver: str) -> None:
+    """Raise a ValueError naming the fix unless x is a non-empty (N, C, H, W) batch."""
+    if x.dim() != 4:
+        raise ValueError(
+            f"{receiver} expects a batched 4D input (N, C, H, W), but got shape {tuple(x.shape)}; "
+            "add a batch dimension with x.unsqueeze(0)"
+        )
+    if x.shape[0] == 0:
+        raise ValueError(
+            f"{receiver} got an empty batch of shape {tuple(x.shape)}; skip empty batches before the model "
+            "(a DataLoader with drop_last=True never yields one)"
+        )
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """``torch.channels_last`` for an NHWC-strided 4D tensor, else ``torch.contiguous_format``."""
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 class GatedBlock(nn.Module):
     """Wrap ``block`` with a router gating its residual branch.
 
@@ -70,6 +90,11 @@ class GatedBlock(nn.Module):
         self.last_logits: Tensor | None = None
         self.last_input_shape: torch.Size | None = None
 
+    def __getstate__(self) -> dict:
+        # Copies and pickles leave out the last forward's gates: in training they hold an autograd
+        # graph, which copy.deepcopy (EMA models, build_macs_table, export) cannot copy.
+        return {**super().__getstate__(), "last_gate": None, "last_logits": None}
+
     @property
     def adapter(self) -> BlockAdapter:
         """The adapter of the wrapped block's type."""
@@ -97,11 +122,7 @@ class GatedBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, C_in, H, W) -> (N, C_out, H', W'), the block's output under this forward's gates."""
-        if x.dim() != 4:
-            raise ValueError(
-                f"GatedBlock expects a batched 4D input (N, C, H, W), but got shape {tuple(x.shape)}; "
-                "add a batch dimension with x.unsqueeze(0)"
-            )
+        check_image_batch(x, "GatedBlock")
         adapter = self.adapter
         logits = self.router(x)
         shortcut = adapter.shortcut(self.block, x)
@@ -131,14 +152,30 @@ class GatedBlock(nn.Module):
         once and adds the routed rows into it.
         """
         if x.shape[0] == 1:
-            return shortcut + adapter.residual(self.block, x) if bool(gate) else shortcut
+            return shortcut + adapter.residual(self.block, x) if bool(gate) else self._skipped(shortcut)
         routed = gate.nonzero().squeeze(1)
         if routed.numel() == x.shape[0]:
             return shortcut + adapter.residual(self.block, x)
         if routed.numel() == 0:
+            return self._skipped(shortcut)
+        # index_select and the out-of-place index_add return NCHW: keep a channels_last input channels_last.
+        rows = x.index_select(0, routed).contiguous(memory_format=_memory_format(x))
+        residual = adapter.residual(self.block, rows)
+        return shortcut.clone().index_add_(0, routed, residual.to(shortcut.dtype))
+
+    def _skipped(self, shortcut: Tensor) -> Tensor:
+        """``shortcut`` for a branch no sample runs; in training, joined to the branch's parameters by a zero.
+
+        DistributedDataParallel expects a gradient for every trainable parameter from every rank. An
+        empty slice's sum is exactly 0 and gives each parameter a zero gradient, so a rank on which
+        every sample skips the block still takes part in the all-reduce: no ``find_unused_parameters``.
+        """
+        if not (self.training and torch.is_grad_enabled()):
             return shortcut
-        residual = adapter.residual(self.block, x.index_select(0, routed))
-        return shortcut.index_add(0, routed, residual.to(shortcut.dtype))
+        trainable = [parameter for parameter in self.block.parameters() if parameter.requires_grad]
+        if not trainable:
+            return shortcut
+        return shortcut + sum(torch.atleast_1d(p).narrow(0, 0, 0).sum() for p in trainable).to(shortcut.dtype)
 
     def extra_repr(self) -> str:
         block = type(self.block).__qualname__

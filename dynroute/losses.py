@@ -5,6 +5,9 @@ shape (L * M, n_blocks) whose rows ``i * M .. i * M + M - 1`` are the views of s
 :func:`dynroute.routing_paths` returns them for a batch built that way.
 """
 
+import functools
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -21,6 +24,25 @@ __all__ = [
 ]
 
 _REDUCTIONS = ("mean", "sum", "none")
+
+
+def _in_float32(loss: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Run ``loss(paths, ...)`` outside autocast with paths in at least float32.
+
+    Under ``torch.autocast`` a matmul would otherwise run in bfloat16 and round the loss; float64
+    paths (``torch.autograd.gradcheck``) stay float64.
+    """
+
+    @functools.wraps(loss)
+    def wrapper(paths: Tensor, *args, **kwargs) -> Tensor:
+        if not isinstance(paths, Tensor):
+            return loss(paths, *args, **kwargs)  # let the loss name the bad value
+        if paths.is_floating_point():
+            paths = paths.to(torch.promote_types(paths.dtype, torch.float32))
+        with torch.autocast(paths.device.type, enabled=False):
+            return loss(paths, *args, **kwargs)
+
+    return wrapper
 
 
 def _check_paths(paths: Tensor, num_views: int | None = None) -> None:
@@ -73,6 +95,7 @@ def _centres(paths: Tensor, num_views: int) -> Tensor:
     return paths.unflatten(0, (-1, num_views)).mean(1)
 
 
+@_in_float32
 def consistency_loss(paths: Tensor, num_views: int, margin: float = 0.2, reduction: str = "mean") -> Tensor:
     """Eq. 8: ``[ ||r_ij - c_i||_2 - m_c ]_+^2`` averaged over the L * M views.
 
@@ -93,6 +116,7 @@ def consistency_loss(paths: Tensor, num_views: int, margin: float = 0.2, reducti
     return _reduce((distance - margin).clamp_min(0).pow(2), reduction)
 
 
+@_in_float32
 def diversity_loss(paths: Tensor, num_views: int = 1, margin: float = 0.5, reduction: str = "mean") -> Tensor:
     """Eq. 9: ``[ m_d - ||c_i - c_j||_2 ]_+^2`` averaged over the L (L - 1) ordered pairs i != j.
 
@@ -114,6 +138,7 @@ def diversity_loss(paths: Tensor, num_views: int = 1, margin: float = 0.5, reduc
     return _reduce(penalty, reduction)
 
 
+@_in_float32
 def path_costs(paths: Tensor, block_costs: Tensor, fixed_cost: float = 0.0) -> Tensor:
     """Per-sample cost ``fixed_cost + sum_k c_k v_k`` of Eq. 11, shape (N,)."""
     _check_paths(paths)
@@ -122,9 +147,10 @@ def path_costs(paths: Tensor, block_costs: Tensor, fixed_cost: float = 0.0) -> T
             f"paths have {paths.shape[1]} blocks but the cost table has {block_costs.shape[0]}; "
             "use the table of the model that produced the paths (dynroute.macs_table(model))"
         )
-    return fixed_cost + paths.float() @ block_costs.to(device=paths.device, dtype=torch.float32)
+    return fixed_cost + paths @ block_costs.to(device=paths.device, dtype=paths.dtype)
 
 
+@_in_float32
 def cost_loss(
     paths: Tensor,
     block_costs: Tensor,

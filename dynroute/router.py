@@ -104,9 +104,14 @@ class Router(nn.Module):
             self.fc2.bias.copy_(torch.tensor([0.0, math.log(self.init_open_prob / (1 - self.init_open_prob))]))
 
     def forward(self, x: Tensor) -> Tensor:
-        """Logits (N, 2) of (skip, run) for block input x of shape (N, C, H, W)."""
-        pooled = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        return self.fc2(self.act(self.fc1(pooled)))
+        """Logits (N, 2) of (skip, run) for block input x of shape (N, C, H, W), in the router's dtype.
+
+        Under autocast the router still runs in its own (float32) precision: a decision is the sign of
+        a logit difference, which bfloat16 would round, and the router costs next to nothing.
+        """
+        with torch.autocast(x.device.type, enabled=False):
+            pooled = F.adaptive_avg_pool2d(x.to(self.fc1.weight.dtype), 1).flatten(1)
+            return self.fc2(self.act(self.fc1(pooled)))
 
     def gate(self, logits: Tensor, hard: bool) -> Tensor:
         """Gate values (N,): relaxed per Eq. 7 unless ``hard``, else the argmax decision."""

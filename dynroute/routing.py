@@ -57,10 +57,11 @@ def _stack_last(model: nn.Module, attribute: str) -> Tensor:
             f"routing state is read after a forward pass, but blocks {missing[:3]} have not run yet; "
             "call model(x) first"
         )
-    sizes = {value.shape[0] for value in values}
-    if len(sizes) != 1:
+    sizes = [value.shape[0] for value in values]  # a list, not a set: symbolic sizes under torch.export don't hash
+    if any(size != sizes[0] for size in sizes):
         raise RuntimeError(
-            f"gated blocks ran on different batch sizes {sorted(sizes)}; read the paths right after one full forward"
+            f"gated blocks ran on different batch sizes {sorted(set(sizes))}; read the paths right after one full "
+            "forward"
         )
     return torch.stack(values, dim=1)
 

@@ -1,0 +1,60 @@
+"""Load a dense network's weights into a converted one, to retrofit routers onto a trained ResNet."""
+
+from collections.abc import Mapping
+
+from torch import Tensor, nn
+
+from dynroute.routing import gated_blocks
+
+__all__ = ["load_dense_state_dict"]
+
+# Prefixes that wrappers add to every key: DistributedDataParallel's .module, torch.compile's ._orig_mod.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _strip_wrapper_prefixes(key: str) -> str:
+    for prefix in _WRAPPER_PREFIXES:
+        key = key.removeprefix(prefix)
+    return key
+
+
+def load_dense_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> nn.Module:
+    """Load the ``state_dict`` of the dense (unconverted) network into converted ``model``.
+
+    Conversion keeps every ``state_dict`` key and adds ``<block>.router.*``, so a dense
+    checkpoint fits a converted model except for the routers, which keep their initialisation
+    (open with ``init_open_prob``). Router keys, when present, load too. Anything else missing,
+    unexpected or of another shape raises before any weight is copied. Keys prefixed by DDP
+    (``module.``) or ``torch.compile`` (``_orig_mod.``) are accepted.
+
+    Returns:
+        The same model, for chaining.
+
+    Example:
+        >>> dense_state = torchvision.models.resnet18().state_dict()
+        >>> model = dynroute.convert_resnet(torchvision.models.resnet18(), input_size=(3, 224, 224))
+        >>> dynroute.load_dense_state_dict(model, dense_state)
+    """
+    router_prefixes = tuple(f"{name}.router." for name, _ in gated_blocks(model))
+    if not router_prefixes:
+        raise TypeError(
+            f"{type(model).__name__} has no gated blocks; load a dense state_dict into a dense model with "
+            "model.load_state_dict, or convert it first with dynroute.convert_resnet"
+        )
+    state_dict = {_strip_wrapper_prefixes(key): value for key, value in state_dict.items()}
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state_dict and not key.startswith(router_prefixes)]
+    unexpected = [key for key in state_dict if key not in expected]
+    mismatched = [
+        f"{key}: {tuple(value.shape)} in the checkpoint, {tuple(expected[key].shape)} in the model"
+        for key, value in state_dict.items()
+        if key in expected and value.shape != expected[key].shape
+    ]
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"the state_dict does not fit {type(model).__name__}: missing keys {missing[:5]}, unexpected keys "
+            f"{unexpected[:5]}, shape mismatches {mismatched[:5]}; build the architecture the checkpoint was "
+            "trained with (same depth and width) before converting it"
+        )
+    model.load_state_dict(state_dict, strict=False)
+    return model

@@ -1,0 +1,35 @@
+"""Small converted models whose routers really disagree between samples, shared by the robustness tests."""
+
+import torch
+from torch import nn
+
+import dynroute
+from dynroute.models import CifarResNet
+
+
+def images(n: int, size: int = 32, seed: int = 1) -> torch.Tensor:
+    """Images whose channel means differ per sample, so routers see different inputs."""
+    generator = torch.Generator().manual_seed(seed)
+    scale = torch.rand(n, 3, 1, 1, generator=generator) * 3
+    return torch.randn(n, 3, size, size, generator=generator) * scale
+
+
+def centre_routers(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Random routers, each biased to run its block for about half of ``x`` in the model's current mode."""
+    blocks = [block for _, block in dynroute.gated_blocks(model)]
+    with torch.no_grad():
+        for block in blocks:
+            nn.init.normal_(block.router.fc2.weight, std=3.0)
+            block.router.fc2.bias.zero_()
+        dynroute.force_gates(model, "open")(x)
+        for block in blocks:
+            difference = block.last_logits[:, 1] - block.last_logits[:, 0]
+            block.router.fc2.bias[1] = -difference.median() + 1e-3
+    return dynroute.force_gates(model, None)
+
+
+def routed_model(blocks_per_stage: int = 1, seed: int = 0) -> nn.Module:
+    """A converted CIFAR ResNet in eval mode; each router runs its block for about half of ``images(64)``."""
+    torch.manual_seed(seed)
+    model = dynroute.convert_resnet(CifarResNet(blocks_per_stage), input_size=(3, 32, 32)).eval()
+    return centre_routers(model, images(64, seed=seed + 100))

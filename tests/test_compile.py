@@ -1,0 +1,100 @@
+"""torch.compile of a converted model: train and eval work, and the graphs it compiles are counted.
+
+The tests use the ``aot_eager`` backend (dynamo's tracing and AOT autograd without inductor's
+slow C++ code generation): graph breaks and recompilations come from dynamo, whatever the backend.
+"""
+
+import pytest
+import torch
+from routed_models import images, routed_model
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import dynroute
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _batches(count: int, size: int = 8) -> list[torch.Tensor]:
+    return [images(size, seed=20 + index) for index in range(count)]
+
+
+def _routed_counts(model, batches) -> set[tuple[int, ...]]:
+    counts = set()
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+            counts.add(tuple(dynroute.routing_paths(model).sum(0).int().tolist()))
+    return counts
+
+
+@pytest.mark.slow
+class TestTrain:
+    """Training steps compile to one graph per stage and give eager's logits and gradients."""
+
+    @pytest.mark.parametrize("hard", [False, True], ids=["stage1-relaxed", "stage2-hard-masked"])
+    def test_step(self, hard):
+        model = routed_model().train()
+        eager = routed_model().train()
+        for m in (model, eager):
+            dynroute.set_execution(m, "masked")  # stage 2 compiles as a static graph; sparse would break it
+            for _, block in dynroute.gated_blocks(m):
+                block.hard_decisions = hard
+                block.router.requires_grad_(not hard)
+        counter = CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(model, backend=counter)
+        for x in _batches(3):
+            torch.manual_seed(0)
+            out = compiled(x)
+            torch.manual_seed(0)
+            expected = eager(x)
+            out.square().mean().backward()
+            expected.square().mean().backward()
+            if hard:  # deterministic: the compiled step is the eager step
+                torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+            assert torch.isfinite(out).all()
+        assert counter.frame_count == 1, "one graph for a fixed batch size, no recompilation"
+        for (name, p), (_, q) in zip(model.named_parameters(), eager.named_parameters()):
+            if not p.requires_grad:
+                continue
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+            if hard:
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+class TestEval:
+    """Eval: the masked graph compiles once; sparse execution breaks the graph at nonzero and recompiles."""
+
+    def test_masked_compiles_once(self):
+        model = routed_model()
+        batches = _batches(6)
+        assert len(_routed_counts(model, batches)) > 2  # the batches route different numbers of samples
+        with torch.no_grad():
+            expected = [model(x) for x in batches]
+        counter = CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(dynroute.set_execution(model, "masked"), backend=counter)
+        with torch.no_grad():
+            for x, reference in zip(batches, expected):
+                torch.testing.assert_close(compiled(x), reference, rtol=1e-5, atol=1e-5)
+        assert counter.frame_count == 1
+
+    def test_sparse_works_and_recompiles_for_new_sub_batch_sizes(self):
+        model = routed_model()
+        batches = _batches(6)
+        with torch.no_grad():
+            expected = [model(x) for x in batches]
+        counter = CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(model, backend=counter)
+        frames = []
+        with torch.no_grad():
+            for x, reference in zip(batches, expected):
+                torch.testing.assert_close(compiled(x), reference, rtol=1e-5, atol=1e-5)
+                frames.append(counter.frame_count)
+        blocks = len(list(dynroute.gated_blocks(model)))
+        assert frames[0] > blocks, "graph breaks at every block's nonzero split the forward"
+        assert frames[-1] > frames[0], "a new routed sub-batch size compiles the residual branch again"

@@ -1,0 +1,241 @@
+"""Bad input fails with a clear error that names the value and the fix (the table in docs/errors.md)."""
+
+import pytest
+import torch
+from torch import nn
+
+import dynroute
+from dynroute.models import CifarBasicBlock, CifarResNet
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return dynroute.convert_resnet(CifarResNet(1), input_size=(3, 32, 32)).eval()
+
+
+@pytest.fixture(scope="module")
+def table(model):
+    return dynroute.macs_table(model)
+
+
+class _Subclassed(CifarBasicBlock):
+    pass
+
+
+def _paths(n: int = 4, width: int = 3) -> torch.Tensor:
+    return torch.rand(n, width)
+
+
+# (situation, call(model, table), error type, pattern naming the value and the fix)
+CASES = [
+    (
+        "batch-not-divisible-by-views",
+        lambda model, table: dynroute.consistency_loss(_paths(5), num_views=2),
+        ValueError,
+        r"a batch of 5 paths does not split into views of 2; .*num_views=M",
+    ),
+    (
+        "fewer-than-2-views",
+        lambda model, table: dynroute.ConsistencyLoss(num_views=1)(_paths(4)),
+        ValueError,
+        r"at least 2 views per sample, but got num_views=1; .*MultiViewTransform",
+    ),
+    (
+        "diversity-one-sample",
+        lambda model, table: dynroute.diversity_loss(_paths(2), num_views=2),
+        ValueError,
+        r"at least 2 samples in the batch, but got 1",
+    ),
+    (
+        "cost-table-width",
+        lambda model, table: dynroute.CostLoss(table)(_paths(4, width=5)),
+        ValueError,
+        r"paths have 5 blocks but the cost table has 3; .*dynroute.macs_table\(model\)",
+    ),
+    (
+        "sample-macs-width",
+        lambda model, table: dynroute.sample_macs(_paths(4, width=2), table),
+        ValueError,
+        r"paths must have shape \(N, 3\) for this table, but got \(4, 2\)",
+    ),
+    (
+        "nan-paths",
+        lambda model, table: dynroute.diversity_loss(torch.tensor([[0.5, float("nan")], [0.1, 0.2]])),
+        ValueError,
+        r"finite gate values in \[0, 1\], but got NaN or inf; pass gates, not router logits",
+    ),
+    (
+        "out-of-range-paths",
+        lambda model, table: dynroute.CostLoss(table)(_paths() + 1.5),
+        ValueError,
+        r"values outside \[0, 1\]; pass gates, not router logits",
+    ),
+    (
+        "integer-paths",
+        lambda model, table: dynroute.diversity_loss(torch.ones(4, 3, dtype=torch.long)),
+        ValueError,
+        r"floating point, but got torch.int64; use paths.float\(\)",
+    ),
+    (
+        "1d-paths",
+        lambda model, table: dynroute.consistency_loss(torch.rand(8), num_views=2),
+        ValueError,
+        r"\(batch, n_blocks\) tensor, but got \(8,\); use dynroute.routing_paths\(model\)",
+    ),
+    (
+        "empty-paths",
+        lambda model, table: dynroute.consistency_loss(torch.rand(0, 3), num_views=2),
+        ValueError,
+        r"empty batch",
+    ),
+    (
+        "empty-batch",
+        lambda model, table: model(torch.zeros(0, 3, 32, 32)),
+        ValueError,
+        r"empty batch of shape \(0, 3, 32, 32\); .*drop_last=True",
+    ),
+    (
+        "non-4d-input",
+        lambda model, table: model(torch.zeros(3, 32, 32)),
+        ValueError,
+        r"batched 4D input \(N, C, H, W\), but got shape \(3, 32, 32\); .*x.unsqueeze\(0\)",
+    ),
+    (
+        "non-4d-input-to-a-block",
+        lambda model, table: model.layer1[0](torch.zeros(16, 32, 32)),
+        ValueError,
+        r"GatedBlock expects a batched 4D input .* \(16, 32, 32\)",
+    ),
+    (
+        "unsupported-model",
+        lambda model, table: dynroute.convert_resnet(nn.Sequential(nn.Conv2d(3, 8, 3)), input_size=(3, 8, 8)),
+        TypeError,
+        r"Sequential has no supported residual blocks; .*dynroute.register_block",
+    ),
+    (
+        "subclassed-block",
+        lambda model, table: dynroute.convert_resnet(nn.Sequential(_Subclassed(8, 8)), input_size=(8, 8, 8)),
+        TypeError,
+        r"block '0' is a _Subclassed, a subclass of a supported block.*dynroute.register_block",
+    ),
+    (
+        "bare-block",
+        lambda model, table: dynroute.convert_resnet(CifarBasicBlock(8, 8), input_size=(8, 8, 8)),
+        TypeError,
+        r"takes a whole network, but got a bare CifarBasicBlock; wrap .* dynroute.GatedBlock\(block\)",
+    ),
+    (
+        "unsupported-block",
+        lambda model, table: dynroute.GatedBlock(nn.Conv2d(3, 3, 3)),
+        TypeError,
+        r"no adapter is registered for Conv2d; register one with dynroute.register_block",
+    ),
+    (
+        "convert-twice",
+        lambda model, table: dynroute.convert_resnet(model, input_size=(3, 32, 32)),
+        ValueError,
+        r"already converted \(found a GatedBlock at 'layer1.0'\); convert the original model only once",
+    ),
+    (
+        "paths-before-forward",
+        lambda model, table: dynroute.routing_paths(dynroute.convert_resnet(CifarResNet(1), input_size=(3, 32, 32))),
+        RuntimeError,
+        r"blocks \['layer1.0', 'layer2.0', 'layer3.0'\] have not run yet; call model\(x\) first",
+    ),
+    (
+        "paths-of-unconverted-model",
+        lambda model, table: dynroute.routing_paths(CifarResNet(1)),
+        TypeError,
+        r"CifarResNet has no gated blocks; convert it first with dynroute.convert_resnet",
+    ),
+    (
+        "no-macs-table",
+        lambda model, table: dynroute.macs_table(CifarResNet(1)),
+        TypeError,
+        r"CifarResNet has no MAC table; .*dynroute.build_macs_table\(model, input_size\)",
+    ),
+    (
+        "bad-cost-target",
+        lambda model, table: dynroute.CostLoss(table, target=60)(_paths()),
+        ValueError,
+        r"fraction of dense MACs in \(0, 1\], but got 60",
+    ),
+    (
+        "bad-forced-gate",
+        lambda model, table: dynroute.force_gates(model, "half"),
+        ValueError,
+        r"'open', 'closed' or None, but got 'half'",
+    ),
+    (
+        "bad-execution",
+        lambda model, table: dynroute.set_execution(model, "lazy"),
+        ValueError,
+        r"execution must be one of \('sparse', 'masked'\), but got 'lazy'",
+    ),
+    (
+        "bad-input-size",
+        lambda model, table: dynroute.build_macs_table(model, (32, 32)),
+        ValueError,
+        r"input_size must be \(C, H, W\) of positive ints, but got \(32, 32\)",
+    ),
+    (
+        "dense-checkpoint-of-another-depth",
+        lambda model, table: dynroute.load_dense_state_dict(model, CifarResNet(2).state_dict()),
+        ValueError,
+        r"unexpected keys \['layer1.1.conv1.weight'.*same depth and width",
+    ),
+    (
+        "export-unbatched-example",
+        lambda model, table: dynroute.export_program(model, torch.zeros(3, 32, 32)),
+        ValueError,
+        r"example_inputs must be a batch \(N, C, H, W\), but got \(3, 32, 32\)",
+    ),
+]
+
+
+class TestBadInput:
+    """Each situation of the docs table raises its error type with a message naming the value and the fix."""
+
+    @pytest.mark.parametrize("call, error, pattern", [case[1:] for case in CASES], ids=[case[0] for case in CASES])
+    def test_raises(self, model, table, call, error, pattern):
+        with pytest.raises(error, match=pattern):
+            call(model, table)
+
+    def test_docs_table_lists_every_situation(self):
+        from pathlib import Path
+
+        docs = (Path(__file__).parents[1] / "docs" / "errors.md").read_text()
+        missing = [case[0] for case in CASES if f"`{case[0]}`" not in docs]
+        assert not missing, f"docs/errors.md lacks rows for {missing}"
+
+
+class TestInputSizeOtherThanTheTable:
+    """Train at 32, test at 40: forward_macs refuses the 32-pixel table and counts exactly with a 40-pixel one."""
+
+    def test_refuses_the_table_of_another_size(self, model):
+        with torch.no_grad():
+            model(torch.randn(2, 3, 40, 40))
+        with pytest.raises(ValueError, match=r"\(16, 40, 40\), but the MAC table was measured at input_size "):
+            dynroute.forward_macs(model)
+
+    def test_counts_with_a_table_of_the_forward_size(self, model):
+        with torch.no_grad():
+            model(torch.randn(2, 3, 40, 40))
+        table = dynroute.build_macs_table(model, (3, 40, 40))
+        assert table.dense_macs > dynroute.macs_table(model).dense_macs  # a bigger image costs more
+        paths = dynroute.routing_paths(model)
+        torch.testing.assert_close(dynroute.forward_macs(model, table), dynroute.sample_macs(paths, table))
+
+    def test_same_size_uses_the_model_table(self, model, table):
+        with torch.no_grad():
+            model(torch.randn(2, 3, 32, 32))
+        dynroute.force_gates(model, "open")
+        try:
+            with torch.no_grad():
+                model(torch.randn(2, 3, 32, 32))
+            # all blocks open: dense MACs plus the routers
+            expected = torch.full((2,), float(table.dense_macs + sum(table.router_macs)), dtype=torch.float64)
+            torch.testing.assert_close(dynroute.forward_macs(model), expected)
+        finally:
+            dynroute.force_gates(model, None)
