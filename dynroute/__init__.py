@@ -16,6 +16,19 @@ from dynroute.losses import (
     diversity_loss,
     path_costs,
 )
+from dynroute.metrics import (
+    AugmentationAgreement,
+    MacsDistribution,
+    RoutingRecord,
+    augmentation_agreement,
+    collect_routing,
+    execution_rate,
+    execution_rate_by_class,
+    macs_distribution,
+    path_agreement,
+    prediction_kl,
+    similarity_correlation,
+)
 from dynroute.router import Router, hard_gate, relaxed_gate
 from dynroute.routing import force_gates, gated_blocks, routing_logits, routing_paths, set_execution
 
@@ -55,4 +68,16 @@ __all__ = [
     "macs_fraction",
     "hard_paths",
     "count_distinct_paths",
+    # analytics
+    "RoutingRecord",
+    "MacsDistribution",
+    "AugmentationAgreement",
+    "collect_routing",
+    "execution_rate",
+    "execution_rate_by_class",
+    "macs_distribution",
+    "path_agreement",
+    "prediction_kl",
+    "similarity_correlation",
+    "augmentation_agreement",
 ]
