@@ -31,6 +31,7 @@ from dynroute.metrics import (
 )
 from dynroute.router import Router, hard_gate, relaxed_gate
 from dynroute.routing import force_gates, gated_blocks, routing_logits, routing_paths, set_execution
+from dynroute.summary import RoutingSummary, summary
 
 __all__ = [
     "__version__",
@@ -80,4 +81,6 @@ __all__ = [
     "prediction_kl",
     "similarity_correlation",
     "augmentation_agreement",
+    "RoutingSummary",
+    "summary",
 ]
