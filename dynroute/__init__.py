@@ -1,6 +1,6 @@
 """dynroute: CoDiNet dynamic routing (Wang et al., TPAMI 2021) for the ResNets you already train."""
 
-from dynroute import models
+from dynroute import models, plots
 from dynroute._version import __version__
 from dynroute.accounting import count_distinct_paths, hard_paths, macs_fraction, sample_macs
 from dynroute.adapters import BlockAdapter, get_adapter, register_block, registered_block_types
@@ -36,6 +36,7 @@ from dynroute.summary import RoutingSummary, summary
 __all__ = [
     "__version__",
     "models",
+    "plots",
     # layers
     "Router",
     "GatedBlock",
