@@ -91,6 +91,7 @@ class RoutingRecord:
 
     @property
     def num_samples(self) -> int:
+        """Samples recorded."""
         return self.paths.shape[0]
 
     @property
@@ -145,6 +146,7 @@ class AugmentationAgreement:
 
     @property
     def mean_kl(self) -> float:
+        """Mean prediction KL over the images, in nats."""
         return self.kl.mean().item()
 
 
