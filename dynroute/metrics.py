@@ -7,7 +7,8 @@ pure functions on the collected tensors: :func:`execution_rate`, :func:`executio
 augmented copy in one pass (the paper's path agreement and Fig. 9).
 """
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -352,23 +353,19 @@ class _Collector:
         )
 
 
-class _Evaluating:
-    """Eval mode and no gradients inside, the model's own mode restored after."""
-
-    def __init__(self, *modules: object) -> None:
-        self.modules = [m for m in modules if isinstance(m, nn.Module)]
-
-    def __enter__(self) -> None:
-        self.modes = [m.training for m in self.modules]
-        self.no_grad = torch.no_grad()
-        self.no_grad.__enter__()
-        for module in self.modules:
-            module.eval()
-
-    def __exit__(self, *exc: object) -> None:
-        for module, mode in zip(self.modules, self.modes):
+@contextmanager
+def _evaluating(*modules: object) -> Iterator[None]:
+    """Eval mode and no gradients inside; every submodule's own mode restored after."""
+    roots = [module for module in modules if isinstance(module, nn.Module)]
+    modes = [(m, m.training) for root in roots for m in root.modules()]  # parents before children
+    try:
+        for root in roots:
+            root.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for module, mode in modes:
             module.train(mode)
-        self.no_grad.__exit__(*exc)
 
 
 def collect_routing(
@@ -401,7 +398,7 @@ def collect_routing(
     """
     collector = _Collector(model, macs_table(model) if table is None else table)
     device = _model_device(model, device)
-    with _Evaluating(model, encoder):
+    with _evaluating(model, encoder):
         for index, batch in enumerate(loader):
             if max_batches is not None and index >= max_batches:
                 break
@@ -435,7 +432,7 @@ def augmentation_agreement(
     device = _model_device(model, device)
     table = macs_table(model)
     original, augmented = _Collector(model, table), _Collector(model, table)
-    with _Evaluating(model):
+    with _evaluating(model):
         for index, batch in enumerate(loader):
             if max_batches is not None and index >= max_batches:
                 break

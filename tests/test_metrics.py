@@ -160,6 +160,19 @@ class TestCollectRouting:
         assert record.macs().samples.tolist() == dynroute.sample_macs(record.paths, record.table).tolist()
         assert record.accuracy == (record.predictions == record.labels).double().mean().item()
 
+    def test_restores_mixed_modes(self, model, loader):
+        model.train()
+        frozen = model.bn1.eval()
+        dynroute.collect_routing(model, loader, max_batches=1)
+        assert model.training and not frozen.training
+        assert all(block.training and block.block.training for _, block in dynroute.gated_blocks(model))
+
+    def test_augment_is_applied_to_each_image(self, model, loader):
+        flipped = [(x.flip(-1), y) for x, y in loader]
+        record = dynroute.collect_routing(model, loader, augment=lambda image: image.flip(-1))
+        assert torch.equal(record.paths, dynroute.collect_routing(model, flipped).paths)
+        assert torch.allclose(record.logits, dynroute.collect_routing(model, flipped).logits, atol=1e-5)
+
     def test_images_only_encoder_and_max_batches(self, model, loader):
         encoder = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(0))
         images_only = [x for x, _ in loader]
