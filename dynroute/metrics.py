@@ -38,7 +38,7 @@ Encoder = Callable[[Tensor], Tensor]
 _REDUCTIONS = ("mean", "sum", "none")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class MacsDistribution:
     """Per-sample MACs of a set of paths, next to the dense network's.
 
@@ -70,7 +70,7 @@ class MacsDistribution:
         return torch.quantile(self.samples, torch.tensor(list(q), dtype=torch.float64))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class RoutingRecord:
     """What a converted model did on every sample of a loader, in loader order (all on the CPU).
 
@@ -125,8 +125,15 @@ class RoutingRecord:
         """Per-sample MACs of the recorded paths."""
         return macs_distribution(self.paths, self.table)
 
+    def __repr__(self) -> str:
+        features = None if self.features is None else tuple(self.features.shape)
+        return (
+            f"RoutingRecord(num_samples={self.num_samples}, num_blocks={self.paths.shape[1]}, "
+            f"distinct_paths={self.distinct_paths}, labels={self.labels is not None}, features={features})"
+        )
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, eq=False)
 class AugmentationAgreement:
     """How an image and its augmented copy are routed and classified.
 

@@ -159,6 +159,10 @@ class TestCollectRouting:
         assert record.executed_blocks.tolist() == record.paths.sum(1).tolist()
         assert record.macs().samples.tolist() == dynroute.sample_macs(record.paths, record.table).tolist()
         assert record.accuracy == (record.predictions == record.labels).double().mean().item()
+        assert repr(record) == (
+            f"RoutingRecord(num_samples=12, num_blocks=9, distinct_paths={record.distinct_paths}, labels=True, "
+            "features=None)"
+        )
 
     def test_restores_mixed_modes(self, model, loader):
         model.train()
