@@ -112,7 +112,8 @@ def plot_path_tsne(
             axes.legend(fontsize="small", markerscale=2, loc="best")
         else:
             scatter = axes.scatter(points[:, 0], points[:, 1], s=6, c=value.float(), cmap="viridis")
-            figure.colorbar(scatter, ax=axes, label="executed blocks")
+            colorbar = figure.colorbar(scatter, ax=axes, label="executed blocks")
+            colorbar.ax.yaxis.set_major_locator(_import("matplotlib.ticker").MaxNLocator(integer=True))
         axes.set_title(f"paths (t-SNE) by {name}")
         axes.set_xticks([])
         axes.set_yticks([])
