@@ -1,6 +1,6 @@
 """dynroute: CoDiNet dynamic routing (Wang et al., TPAMI 2021) for the ResNets you already train."""
 
-from dynroute import models
+from dynroute import models, plots
 from dynroute._version import __version__
 from dynroute.accounting import count_distinct_paths, forward_macs, hard_paths, macs_fraction, sample_macs
 from dynroute.adapters import BlockAdapter, get_adapter, register_block, registered_block_types
@@ -18,12 +18,27 @@ from dynroute.losses import (
     diversity_loss,
     path_costs,
 )
+from dynroute.metrics import (
+    AugmentationAgreement,
+    MacsDistribution,
+    RoutingRecord,
+    augmentation_agreement,
+    collect_routing,
+    execution_rate,
+    execution_rate_by_class,
+    macs_distribution,
+    path_agreement,
+    prediction_kl,
+    similarity_correlation,
+)
 from dynroute.router import Router, hard_gate, relaxed_gate
 from dynroute.routing import force_gates, gated_blocks, routing_logits, routing_paths, set_execution
+from dynroute.summary import RoutingSummary, summary
 
 __all__ = [
     "__version__",
     "models",
+    "plots",
     # layers
     "Router",
     "GatedBlock",
@@ -62,4 +77,18 @@ __all__ = [
     "load_dense_state_dict",
     "WithPaths",
     "export_program",
+    # analytics
+    "RoutingRecord",
+    "MacsDistribution",
+    "AugmentationAgreement",
+    "collect_routing",
+    "execution_rate",
+    "execution_rate_by_class",
+    "macs_distribution",
+    "path_agreement",
+    "prediction_kl",
+    "similarity_correlation",
+    "augmentation_agreement",
+    "RoutingSummary",
+    "summary",
 ]

@@ -1,0 +1,79 @@
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import dynroute
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
+
+
+def python_blocks(page: str) -> list[str]:
+    return PYTHON_BLOCK.findall((DOCS / page).read_text())
+
+
+def run_page(page: str, monkeypatch, tmp_path, namespace: dict | None = None) -> dict:
+    """Execute every ```python block of a page in order, in one namespace, from an empty folder."""
+    blocks = python_blocks(page)
+    assert blocks, f"{page} has no python blocks"
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": f"docs_{Path(page).stem}", **(namespace or {})}
+    for number, block in enumerate(blocks, start=1):
+        exec(compile(block, f"{page} block {number}", "exec"), namespace)
+    return namespace
+
+
+class TestExecutedPages:
+    """Pages whose code must run as written, so the docs cannot drift from the code."""
+
+    @pytest.mark.slow
+    def test_getting_started(self, monkeypatch, tmp_path):
+        namespace = run_page("getting-started.md", monkeypatch, tmp_path)
+        assert namespace["record"].num_samples == 12
+
+    def test_new_block(self, monkeypatch, tmp_path):
+        namespace = run_page("how-to/new-block.md", monkeypatch, tmp_path)
+        assert namespace["model"].blocks[0].__class__.__name__ == "GatedBlock"
+
+    @pytest.mark.slow
+    @pytest.mark.skipif(importlib.util.find_spec("sklearn") is None, reason="needs the plots extra")
+    def test_analytics(self, monkeypatch, tmp_path):
+        """The page's snippets on a small routed model and loader standing in for the reader's."""
+        torch.manual_seed(0)
+        model = dynroute.convert_resnet(dynroute.models.resnet20(), input_size=(3, 32, 32))
+        for _, block in dynroute.gated_blocks(model):
+            nn.init.normal_(block.router.fc2.weight)
+        loader = [(torch.randn(6, 3, 32, 32) + torch.randn(6, 3, 1, 1), torch.arange(6) % 3) for _ in range(2)]
+        setup = {"model": model, "test_loader": loader, "feature_extractor": nn.AdaptiveAvgPool2d(1)}
+        namespace = run_page("how-to/analytics.md", monkeypatch, tmp_path, {**setup, "CLASSES": ["a", "b", "c"]})
+        assert namespace["record"].features.shape == (12, 3)
+        assert {p.name for p in tmp_path.glob("*.png")} == {
+            "execution_by_class.png",
+            "macs_histogram.png",
+            "tsne.png",
+            "accuracy_vs_macs.png",
+        }
+
+
+class TestSite:
+    """The documentation site builds without a warning."""
+
+    @pytest.mark.slow
+    @pytest.mark.skipif(importlib.util.find_spec("mkdocs") is None, reason="needs the docs extra")
+    def test_mkdocs_build_strict(self, tmp_path):
+        result = subprocess.run(
+            [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert (tmp_path / "site" / "api" / "index.html").exists()
