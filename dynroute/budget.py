@@ -37,7 +37,7 @@ class BudgetLoss(nn.Module):
         target: the budget, a fraction of dense MACs in (fixed cost, 1].
         penalty: weight of the quadratic term ``(c - target)^2 / 2``.
         step_size: how fast gamma integrates the measured gap, per batch.
-        gamma: initial multiplier.
+        initial_gamma: the multiplier to start from.
 
     Attributes:
         gamma: the current multiplier, a buffer (saved in the ``state_dict``, so training resumes
@@ -55,7 +55,7 @@ class BudgetLoss(nn.Module):
         target: float,
         penalty: float = 4.0,
         step_size: float = 0.05,
-        gamma: float = 0.0,
+        initial_gamma: float = 0.0,
     ) -> None:
         super().__init__()
         fixed = table.fixed_cost()
@@ -67,7 +67,7 @@ class BudgetLoss(nn.Module):
         if penalty < 0 or step_size < 0:
             raise ValueError(f"penalty and step_size must be >= 0, but got {penalty} and {step_size}")
         self.register_buffer("block_costs", table.block_costs(), persistent=False)
-        self.register_buffer("gamma", torch.tensor(float(gamma)))
+        self.register_buffer("gamma", torch.tensor(float(initial_gamma)))
         self.fixed_cost = fixed
         self.target, self.penalty, self.step_size = target, penalty, step_size
         self.last_measured: float | None = None

@@ -24,11 +24,12 @@ class CoDiNetLoss(nn.Module):
         num_views: M, views per sample in the batch.
         alpha: consistency weight.
         beta: diversity weight.
-        gamma: fixed cost weight, used when ``target`` is None.
+        gamma: the cost weight: fixed (default 1.0) without ``target``, the starting value of the
+            adaptive gamma (default 0.0) with one.
         target: budget as a fraction of dense MACs; enables the adaptive gamma.
         consistency_margin: m_c of Eq. 8.
         diversity_margin: m_d of Eq. 9.
-        budget_kwargs: passed to :class:`BudgetLoss` (``penalty``, ``step_size``, ``gamma``).
+        budget_kwargs: passed to :class:`BudgetLoss` (``penalty``, ``step_size``).
 
     Example:
         >>> criterion = CoDiNetLoss(dynroute.macs_table(model), num_views=2, target=0.6)
@@ -41,18 +42,22 @@ class CoDiNetLoss(nn.Module):
         num_views: int,
         alpha: float = 0.2,
         beta: float = 0.2,
-        gamma: float = 1.0,
+        gamma: float | None = None,
         target: float | None = None,
         consistency_margin: float = 0.2,
         diversity_margin: float = 0.5,
         **budget_kwargs: float,
     ) -> None:
         super().__init__()
+        if target is None:
+            self.cost: nn.Module = CostLoss(table)
+            gamma = 1.0 if gamma is None else gamma
+        else:
+            self.cost = BudgetLoss(table, target, initial_gamma=gamma or 0.0, **budget_kwargs)
         self.num_views, self.alpha, self.beta, self.gamma = num_views, alpha, beta, gamma
         self.classification = nn.CrossEntropyLoss()
         self.consistency = ConsistencyLoss(num_views, consistency_margin) if num_views > 1 else None
         self.diversity = DiversityLoss(num_views, diversity_margin)
-        self.cost: nn.Module = BudgetLoss(table, target, **budget_kwargs) if target is not None else CostLoss(table)
 
     def forward(
         self, logits: Tensor, labels: Tensor, paths: Tensor, router_logits: Tensor | None = None

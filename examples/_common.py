@@ -58,6 +58,14 @@ def setup_distributed() -> Distributed:
     return Distributed(0, 1, device)
 
 
+def image_folder_split(root: str, names: tuple[str, ...]) -> str:
+    """The first of ``root/<name>`` folders that exists, e.g. ``("val", "test")``."""
+    for name in names:
+        if os.path.isdir(os.path.join(root, name)):
+            return os.path.join(root, name)
+    raise ValueError(f"{root!r} has none of the folders {names}; an ImageFolder root needs train/ and test/ (or val/)")
+
+
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags shared by the examples; the original CoDiNet spellings are aliases (see docs/training.md)."""
     add = parser.add_argument
@@ -80,8 +88,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add("--loss_lda", "--loss-lda", dest="loss_lda", type=float, default=None, help="original: both path weights")
     add("--consistency-margin", "--lda_intra_margin", dest="consistency_margin", type=float, default=0.2)
     add("--diversity-margin", "--lda_inter_margin", dest="diversity_margin", type=float, default=0.5)
-    add("--temperature", type=float, default=None, help="Gumbel-softmax temperature (default 1)")
-    add("--beta", type=float, default=None, help="original: argmax sharpness, temperature = 1 / beta")
+    add("--temperature", type=float, default=1.0, help="Gumbel-softmax temperature of the routers")
+    add("--beta", type=float, default=None, help="original flag, accepted and unused (as in the original)")
     add("--budget-penalty", type=float, default=4.0, help="quadratic weight of the budget loss")
     add("--budget-step", type=float, default=0.05, help="gamma's step per batch")
     add("--log-path", "--log_path", dest="log_path", default="./outputs", help="where runs are written")
@@ -95,12 +103,11 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add("--local_rank", "--local-rank", dest="local_rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
-def resolve_arguments(args: argparse.Namespace, num_blocks: int | None = None) -> argparse.Namespace:
+def resolve_arguments(args: argparse.Namespace) -> argparse.Namespace:
     """Turn the original CoDiNet flags into this script's settings, in place.
 
-    ``--aug_repeat R`` gives R views (0 counts as 1), ``--loss_lda`` both path weights,
-    ``--beta B`` temperature 1 / B, ``--num_target K`` (blocks to run out of ``num_blocks``) a
-    budget, filled in by the caller once the model's MAC table is known.
+    ``--aug_repeat R`` gives R views (0 counts as 1) and ``--loss_lda`` both path weights;
+    ``--num_target K`` becomes a budget in :func:`build_criterion`, once the MAC table is known.
     """
     if args.views is None:
         args.views = max(1, args.aug_repeat) if args.aug_repeat is not None else 2
@@ -108,8 +115,6 @@ def resolve_arguments(args: argparse.Namespace, num_blocks: int | None = None) -
         raise ValueError(f"--views must be >= 1, but got {args.views}")
     if args.loss_lda is not None:
         args.consistency_weight = args.diversity_weight = args.loss_lda
-    if args.temperature is None:
-        args.temperature = 1.0 / args.beta if args.beta else 1.0
     if args.router_lr is None:
         args.router_lr = args.lr
     if args.threads:
@@ -118,11 +123,15 @@ def resolve_arguments(args: argparse.Namespace, num_blocks: int | None = None) -
 
 
 def budget_from_num_target(num_target: int, table: dynroute.MacsTable) -> float:
-    """Cost fraction of running ``num_target`` blocks of average cost, the original ``--num_target``."""
-    if not 0 < num_target <= table.num_blocks:
-        raise ValueError(f"--num_target must be in [1, {table.num_blocks}] for this network, but got {num_target}")
-    mean_block = float(table.block_costs().mean())
-    return table.fixed_cost() + num_target * mean_block
+    """The original ``--num_target``: blocks run per sample on average, as a cost fraction of dense.
+
+    The original loss pulls the summed run-probability of each sample's gates to ``num_target``;
+    a count at or above the number of blocks asks for the dense network (budget 1.0).
+    """
+    if num_target < 1:
+        raise ValueError(f"--num_target counts blocks run per sample and must be >= 1, but got {num_target}")
+    blocks = min(num_target, table.num_blocks)
+    return min(1.0, table.fixed_cost() + blocks * float(table.block_costs().mean()))
 
 
 def build_criterion(args: argparse.Namespace, model: nn.Module) -> dynroute.CoDiNetLoss | nn.CrossEntropyLoss:
@@ -134,14 +143,12 @@ def build_criterion(args: argparse.Namespace, model: nn.Module) -> dynroute.CoDi
     if budget is None and args.num_target:
         budget = budget_from_num_target(args.num_target, table)
     budget_kwargs = {"penalty": args.budget_penalty, "step_size": args.budget_step}
-    if budget is not None and args.gamma is not None:
-        budget_kwargs["gamma"] = args.gamma
     return dynroute.CoDiNetLoss(
         table,
         num_views=args.views,
         alpha=args.consistency_weight,
         beta=args.diversity_weight,
-        gamma=1.0 if args.gamma is None else args.gamma,
+        gamma=args.gamma,
         target=budget,
         consistency_margin=args.consistency_margin,
         diversity_margin=args.diversity_margin,

@@ -20,7 +20,7 @@ import dynroute
 from dynroute.data import MultiViewTransform, eval_transform, train_transform
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import add_training_arguments, resolve_arguments, setup_distributed, train  # noqa: E402
+from _common import add_training_arguments, image_folder_split, resolve_arguments, setup_distributed, train  # noqa: E402
 
 BACKBONES = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet74", "resnet110")
 DATASETS = ("cifar10", "cifar100", "svhn", "imagefolder")
@@ -48,13 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _image_folder_split(root: str, names: tuple[str, ...]) -> str:
-    for name in names:
-        if os.path.isdir(os.path.join(root, name)):
-            return os.path.join(root, name)
-    raise ValueError(f"{root!r} has none of the folders {names}; an ImageFolder root needs train/ and test/ (or val/)")
-
-
 def build_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset, int]:
     """(train set with M views per sample, test set, number of classes)."""
     dataset = args.dataset.lower()
@@ -64,8 +57,8 @@ def build_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset, int]:
     test_tf = eval_transform()
     root = os.path.expanduser(args.data_root)
     if dataset == "imagefolder" or os.path.isdir(os.path.join(root, "train")):
-        train_set = datasets.ImageFolder(_image_folder_split(root, ("train",)), views)
-        test_set = datasets.ImageFolder(_image_folder_split(root, ("test", "val")), test_tf)
+        train_set = datasets.ImageFolder(image_folder_split(root, ("train",)), views)
+        test_set = datasets.ImageFolder(image_folder_split(root, ("test", "val")), test_tf)
         classes = len(train_set.classes)
     elif dataset == "svhn":
         train_set = datasets.SVHN(root, split="train", transform=views, download=args.download)
