@@ -133,7 +133,7 @@ class TestTrainCifar:
     def test_torchrun_two_processes(self, cifar_folder: Path, tmp_path: Path) -> None:
         """torchrun --nproc_per_node=2 on CPU: gloo, sharded batches, one report."""
         command = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
             str(EXAMPLES / "train_cifar.py"),
             *_tiny_run(cifar_folder, tmp_path, "--budget", "0.6", "--epochs", "1", "--stage2-epochs", "1"),
         ]  # fmt: skip
