@@ -15,6 +15,12 @@ the remaining gap, including the gap between relaxed training gates and hard tes
 the test-time cost settles on the target rather than wherever the classification loss balances
 the penalty. gamma may go negative: the target is an equality, a network that runs too cheap is
 pushed back up.
+
+Relaxed gates are not hard ones: later routers see features mixed by soft gates in training and
+by 0/1 decisions at test time, so the cost measured in stage 1 is only close to the test-time
+cost. Stage 2 runs the hard decisions, so its measured cost is the test-time cost; there
+:meth:`BudgetLoss.trim` closes the remaining gap by moving one shared offset on every router's
+"run" logit (an integral controller on the decision threshold; the router weights stay frozen).
 """
 
 import torch
@@ -25,6 +31,7 @@ from dynroute.accounting import hard_paths
 from dynroute.flops import MacsTable
 from dynroute.losses import path_costs
 from dynroute.router import hard_gate
+from dynroute.routing import gated_blocks, routing_paths
 
 __all__ = ["BudgetLoss"]
 
@@ -38,6 +45,7 @@ class BudgetLoss(nn.Module):
         penalty: weight of the quadratic term ``(c - target)^2 / 2``.
         step_size: how fast gamma integrates the measured gap, per batch.
         initial_gamma: the multiplier to start from.
+        trim_step: logits the decision threshold moves per unit of cost gap in :meth:`trim`.
 
     Attributes:
         gamma: the current multiplier, a buffer (saved in the ``state_dict``, so training resumes
@@ -56,6 +64,7 @@ class BudgetLoss(nn.Module):
         penalty: float = 4.0,
         step_size: float = 0.05,
         initial_gamma: float = 0.0,
+        trim_step: float = 0.5,
     ) -> None:
         super().__init__()
         fixed = table.fixed_cost()
@@ -69,7 +78,7 @@ class BudgetLoss(nn.Module):
         self.register_buffer("block_costs", table.block_costs(), persistent=False)
         self.register_buffer("gamma", torch.tensor(float(initial_gamma)))
         self.fixed_cost = fixed
-        self.target, self.penalty, self.step_size = target, penalty, step_size
+        self.target, self.penalty, self.step_size, self.trim_step = target, penalty, step_size, trim_step
         self.last_measured: float | None = None
 
     def forward(self, paths: Tensor, logits: Tensor | None = None) -> Tensor:
@@ -88,16 +97,33 @@ class BudgetLoss(nn.Module):
         return loss
 
     @torch.no_grad()
-    def _update_gamma(self, decisions: Tensor) -> None:
+    def trim(self, model: nn.Module) -> float:
+        """Stage 2: shift every router's "run" logit so the hard cost of the last forward nears the target.
+
+        Call it after each stage-2 training forward (routers frozen, hard decisions). Returns the
+        shift applied, ``-trim_step * (measured - target)`` logits.
+        """
+        shift = -self.trim_step * (self._measure(routing_paths(model)) - self.target)
+        for _, block in gated_blocks(model):
+            block.router.fc2.bias[1] += shift
+        return shift
+
+    @torch.no_grad()
+    def _measure(self, decisions: Tensor) -> float:
+        """Mean cost of 0/1 ``decisions`` (N, n_blocks), averaged over processes under DDP."""
         measured = path_costs(hard_paths(decisions).float(), self.block_costs, self.fixed_cost).mean()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(measured)
             measured /= dist.get_world_size()
         self.last_measured = measured.item()
-        self.gamma += self.step_size * (measured - self.target)
+        return self.last_measured
+
+    @torch.no_grad()
+    def _update_gamma(self, decisions: Tensor) -> None:
+        self.gamma += self.step_size * (self._measure(decisions) - self.target)
 
     def extra_repr(self) -> str:
         return (
-            f"target={self.target}, penalty={self.penalty}, step_size={self.step_size}, "
+            f"target={self.target}, penalty={self.penalty}, step_size={self.step_size}, trim_step={self.trim_step}, "
             f"gamma={self.gamma.item():.4f}, fixed_cost={self.fixed_cost:.4f}"
         )

@@ -5,6 +5,7 @@ from torch import Tensor, nn
 from dynroute.budget import BudgetLoss
 from dynroute.flops import MacsTable
 from dynroute.losses import ConsistencyLoss, CostLoss, DiversityLoss
+from dynroute.training import get_stage
 
 __all__ = ["CoDiNetLoss"]
 
@@ -17,7 +18,8 @@ class CoDiNetLoss(nn.Module):
 
     Fallbacks, so the same loop runs everywhere: with ``num_views=1`` the consistency term is
     left out (it compares views of one sample, and there is only one); in stage 2 (paths carry no
-    gradient: routers frozen, hard decisions) all path terms are left out and gamma stays put.
+    gradient: routers frozen, hard decisions) all path terms are left out and gamma stays put;
+    call :meth:`trim` after each stage-2 step to hold the hard cost on the budget.
 
     Args:
         table: the model's :class:`MacsTable`.
@@ -90,6 +92,11 @@ class CoDiNetLoss(nn.Module):
         loss = loss + cost
         terms["cost"] = cost.item()
         return loss, terms
+
+    def trim(self, model: nn.Module) -> None:
+        """After a stage-2 step, keep the hard cost on the budget (:meth:`BudgetLoss.trim`); else nothing."""
+        if isinstance(self.cost, BudgetLoss) and get_stage(model) == 2:
+            self.cost.trim(model)
 
     def extra_repr(self) -> str:
         return f"num_views={self.num_views}, alpha={self.alpha}, beta={self.beta}, gamma={self.gamma}"

@@ -356,6 +356,8 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if not args.dense:
+                criterion.trim(model)  # stage 2 with a budget: hold the hard cost on it
             state.step += 1
             sums["loss"] += loss.item() * labels.numel()
             sums["correct"] += (logits.argmax(1) == labels).sum().item()

@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
+                criterion.trim(model)  # stage 2: hold the hard cost on the budget
                 scheduler.step()
                 bar.set_postfix(stage=dynroute.get_stage(model), ce=f"{terms['ce']:.3f}")
                 bar.update()

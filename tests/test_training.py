@@ -139,13 +139,26 @@ class TestBudgetLoss:
         with pytest.raises(ValueError, match="target must be"):
             dynroute.BudgetLoss(dynroute.macs_table(_routed()), target=target)
 
+    def test_trim_shifts_every_run_logit(self) -> None:
+        model = dynroute.set_stage(_routed(), 2).train()
+        table = dynroute.macs_table(model)
+        budget = dynroute.BudgetLoss(table, target=0.5, trim_step=0.3)
+        biases = [block.router.fc2.bias.clone() for _, block in dynroute.gated_blocks(model)]
+        model(torch.randn(8, 3, 16, 16))
+        measured = dynroute.sample_macs(dynroute.routing_paths(model), table).mean().item() / table.dense_macs
+        shift = budget.trim(model)
+        assert shift == pytest.approx(-0.3 * (measured - 0.5), abs=1e-6)
+        for before, (_, block) in zip(biases, dynroute.gated_blocks(model)):
+            assert block.router.fc2.bias[0] == before[0]
+            assert block.router.fc2.bias[1].item() == pytest.approx(before[1].item() + shift, abs=1e-6)
+
     @pytest.mark.slow
     @pytest.mark.parametrize("target", [0.4, 0.65])
     def test_training_lands_on_the_budget(self, target: float) -> None:
-        """Default controller settings, no tuning: the eval-time cost ends within 2 points of the target."""
+        """Default settings, no tuning: stage 1 + trimmed stage 2 end within 2 points of the target at eval."""
         model = _routed(blocks_per_stage=2)
         table = dynroute.macs_table(model)
-        budget = dynroute.BudgetLoss(table, target=target)
+        criterion = dynroute.CoDiNetLoss(table, num_views=1, alpha=0.0, beta=0.0, target=target)
         optimizer = torch.optim.SGD(
             [
                 {"params": dynroute.block_parameters(model), "lr": 0.05},
@@ -156,19 +169,21 @@ class TestBudgetLoss:
         generator = torch.Generator().manual_seed(1)
 
         def batch(size: int) -> tuple[torch.Tensor, torch.Tensor]:
-            scale = torch.empty(size, 1, 1, 1).uniform_(0.2, 3.0, generator=generator)
-            images = torch.randn(size, 3, 16, 16, generator=generator) * scale
-            return images, (images[:, 0].mean((1, 2)) > 0).long()
+            labels = torch.randint(0, 2, (size,), generator=generator)
+            signal = torch.empty(size, 1, 1, 1).uniform_(0.0, 1.0, generator=generator)
+            images = torch.randn(size, 3, 16, 16, generator=generator) + (2 * labels - 1).view(-1, 1, 1, 1) * signal
+            return images, labels
 
         model.train()
-        for _ in range(200):
+        for step in range(240):
+            dynroute.set_stage(model, 1 if step < 160 else 2)
             images, labels = batch(32)
             logits = model(images)
-            paths, router_logits = dynroute.routing_paths(model), dynroute.routing_logits(model)
-            loss = torch.nn.functional.cross_entropy(logits, labels) + budget(paths, router_logits)
+            loss, _ = criterion(logits, labels, dynroute.routing_paths(model), dynroute.routing_logits(model))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            criterion.trim(model)
         with torch.no_grad():
             model.eval()(batch(512)[0])
         assert dynroute.macs_fraction(dynroute.routing_paths(model), table) == pytest.approx(target, abs=0.02)
