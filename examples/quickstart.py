@@ -1,7 +1,7 @@
 """Train a routed ResNet the CoDiNet way on real data, offline, in about two minutes on a laptop CPU.
 
 The data is scikit-learn's handwritten digits (1,797 8x8 images shipped inside the package),
-upsampled to 32x32. A CIFAR ResNet-20 is converted with ``dynroute.convert_resnet``, trained in
+upsampled to 16x16. A CIFAR ResNet-20 is converted with ``dynroute.convert_resnet``, trained in
 stage 1 with all three path losses and a budget of 60 % of dense MACs, then in stage 2 with the
 routers frozen and hard decisions. It prints test accuracy, average MACs against the dense
 network, the number of distinct paths and the eval-time speedup over the dense network.
@@ -26,9 +26,11 @@ import dynroute
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import evaluate  # noqa: E402
 
+IMAGE_SIZE = 16  # the digits are 8x8; twice that gives the ResNet's three stages room
+
 
 class DigitImages(Dataset):
-    """scikit-learn digits as (1, 32, 32) float images in [0, 1], each passed through ``transform``."""
+    """scikit-learn digits as (1, 16, 16) float images in [0, 1], each passed through ``transform``."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform=None) -> None:
         self.images, self.labels, self.transform = images, labels, transform
@@ -42,10 +44,10 @@ class DigitImages(Dataset):
 
 
 def load_digit_splits(test_fraction: float = 0.2, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """(train images, train labels, test images, test labels); images (N, 1, 32, 32) in [0, 1]."""
+    """(train images, train labels, test images, test labels); images (N, 1, 16, 16) in [0, 1]."""
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    images = F.interpolate(images, size=32, mode="bilinear", align_corners=False)
+    images = F.interpolate(images, size=IMAGE_SIZE, mode="bilinear", align_corners=False)
     labels = torch.tensor(digits.target)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     split = int(len(labels) * (1 - test_fraction))
@@ -72,8 +74,8 @@ def eval_seconds(model: torch.nn.Module, images: torch.Tensor) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=12, help="stage-1 epochs (relaxed gates, all losses)")
-    parser.add_argument("--stage2-epochs", type=int, default=3, help="stage-2 epochs (routers frozen, hard)")
+    parser.add_argument("--epochs", type=int, default=8, help="stage-1 epochs (relaxed gates, all losses)")
+    parser.add_argument("--stage2-epochs", type=int, default=2, help="stage-2 epochs (routers frozen, hard)")
     parser.add_argument("--budget", type=float, default=0.6, help="target average cost, fraction of dense MACs")
     parser.add_argument("--views", type=int, default=2, help="augmented views per image")
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch (each with --views views)")
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
 
     train_x, train_y, test_x, test_y = load_digit_splits(seed=args.seed)
-    augment = T.Compose([T.RandomCrop(32, padding=4), T.Normalize((0.5,), (0.5,))])  # digits: no flips
+    augment = T.Compose([T.RandomCrop(IMAGE_SIZE, padding=2), T.Normalize((0.5,), (0.5,))])  # digits: no flips
     train_set = DigitImages(train_x, train_y, dynroute.MultiViewTransform(augment, args.views))
     test_set = DigitImages(test_x, test_y, T.Normalize((0.5,), (0.5,)))
     train_loader = DataLoader(
@@ -91,7 +93,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     test_loader = DataLoader(test_set, batch_size=len(test_set))
 
-    model = dynroute.convert_resnet(dynroute.models.resnet20(num_classes=10, in_chans=1), input_size=(1, 32, 32))
+    model = dynroute.convert_resnet(
+        dynroute.models.resnet20(num_classes=10, in_chans=1), input_size=(1, IMAGE_SIZE, IMAGE_SIZE)
+    )
     criterion = dynroute.CoDiNetLoss(dynroute.macs_table(model), num_views=args.views, target=args.budget)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     steps_per_epoch = min(len(train_loader), args.max_steps or len(train_loader))
