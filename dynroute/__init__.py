@@ -92,3 +92,30 @@ __all__ = [
     "RoutingSummary",
     "summary",
 ]
+from dynroute.budget import BudgetLoss
+from dynroute.data import MultiViewTransform, eval_transform, multiview_collate, train_transform
+from dynroute.objective import CoDiNetLoss
+from dynroute.training import (
+    block_parameters,
+    get_stage,
+    load_checkpoint,
+    router_parameters,
+    save_checkpoint,
+    set_stage,
+)
+
+__all__ += [
+    # training
+    "MultiViewTransform",
+    "multiview_collate",
+    "train_transform",
+    "eval_transform",
+    "set_stage",
+    "get_stage",
+    "router_parameters",
+    "block_parameters",
+    "save_checkpoint",
+    "load_checkpoint",
+    "BudgetLoss",
+    "CoDiNetLoss",
+]

@@ -1,0 +1,129 @@
+"""Budget control: hold a routed network's average cost at a requested fraction of dense MACs.
+
+CoDiNet weights its cost loss (Eq. 11) with a gamma that is "tuned adaptive" without saying how.
+Here gamma is a Lagrange multiplier adapted during training by the method of multipliers
+(augmented Lagrangian) on the constraint ``E[cost] = target``:
+
+    loss = gamma * (c - target) + penalty / 2 * (c - target)^2
+    gamma <- gamma + step_size * (measured - target)        after every training batch
+
+``c`` is the batch mean of the relaxed path costs (differentiable, it trains the routers);
+``measured`` is the batch mean cost of the hard decisions the network would take at test time
+(argmax of the router logits), averaged over processes under DDP so every rank keeps the same
+gamma. The quadratic term pulls the cost towards the target at once; the multiplier integrates
+the remaining gap, including the gap between relaxed training gates and hard test decisions, so
+the test-time cost settles on the target rather than wherever the classification loss balances
+the penalty. gamma may go negative: the target is an equality, a network that runs too cheap is
+pushed back up.
+
+Relaxed gates are not hard ones: later routers see features mixed by soft gates in training and
+by 0/1 decisions at test time, so the cost measured in stage 1 is only close to the test-time
+cost. Stage 2 runs the hard decisions, so its measured cost is the test-time cost; there
+:meth:`BudgetLoss.trim` closes the remaining gap by moving one shared offset on every router's
+"run" logit (an integral controller on the decision threshold; the router weights stay frozen).
+"""
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from dynroute.accounting import hard_paths
+from dynroute.flops import MacsTable
+from dynroute.losses import path_costs
+from dynroute.router import hard_gate
+from dynroute.routing import gated_blocks, routing_paths
+
+__all__ = ["BudgetLoss"]
+
+
+class BudgetLoss(nn.Module):
+    """Cost loss whose weight gamma adapts so the average test-time cost lands on ``target``.
+
+    Args:
+        table: the model's :class:`MacsTable` (``dynroute.macs_table(model)``).
+        target: the budget, a fraction of dense MACs in (fixed cost, 1].
+        penalty: weight of the quadratic term ``(c - target)^2 / 2``.
+        step_size: how fast gamma integrates the measured gap, per batch.
+        initial_gamma: the multiplier to start from.
+        trim_step: logits the decision threshold moves per unit of cost gap in :meth:`trim`.
+
+    Attributes:
+        gamma: the current multiplier, a buffer (saved in the ``state_dict``, so training resumes
+            with it).
+        last_measured: test-time cost fraction of the last training batch.
+
+    Example:
+        >>> budget = BudgetLoss(dynroute.macs_table(model), target=0.6)
+        >>> loss = ce + budget(dynroute.routing_paths(model), dynroute.routing_logits(model))
+    """
+
+    def __init__(
+        self,
+        table: MacsTable,
+        target: float,
+        penalty: float = 4.0,
+        step_size: float = 0.05,
+        initial_gamma: float = 0.0,
+        trim_step: float = 0.5,
+    ) -> None:
+        super().__init__()
+        fixed = table.fixed_cost()
+        if not fixed < target <= 1.0:
+            raise ValueError(
+                f"target must be a fraction of dense MACs in ({fixed:.3f}, 1], but got {target}; "
+                f"a network that skips every block still costs {fixed:.3f} of dense"
+            )
+        if penalty < 0 or step_size < 0:
+            raise ValueError(f"penalty and step_size must be >= 0, but got {penalty} and {step_size}")
+        self.register_buffer("block_costs", table.block_costs(), persistent=False)
+        self.register_buffer("gamma", torch.tensor(float(initial_gamma)))
+        self.fixed_cost = fixed
+        self.target, self.penalty, self.step_size, self.trim_step = target, penalty, step_size, trim_step
+        self.last_measured: float | None = None
+
+    def forward(self, paths: Tensor, logits: Tensor | None = None) -> Tensor:
+        """Loss for relaxed ``paths`` (N, n_blocks); updates gamma in train mode.
+
+        Args:
+            paths: relaxed gates of the batch, ``dynroute.routing_paths(model)``.
+            logits: router logits (N, n_blocks, 2), ``dynroute.routing_logits(model)``; their argmax
+                is the test-time decision whose cost gamma steers. Without them the relaxed gates are
+                thresholded at 0.5.
+        """
+        gap = path_costs(paths, self.block_costs, self.fixed_cost).mean() - self.target
+        loss = self.gamma.item() * gap + 0.5 * self.penalty * gap.pow(2)
+        if self.training and torch.is_grad_enabled():
+            self._update_gamma(paths if logits is None else hard_gate(logits.flatten(0, 1)).view(paths.shape))
+        return loss
+
+    @torch.no_grad()
+    def trim(self, model: nn.Module) -> float:
+        """Stage 2: shift every router's "run" logit so the hard cost of the last forward nears the target.
+
+        Call it after each stage-2 training forward (routers frozen, hard decisions). Returns the
+        shift applied, ``-trim_step * (measured - target)`` logits.
+        """
+        shift = -self.trim_step * (self._measure(routing_paths(model)) - self.target)
+        for _, block in gated_blocks(model):
+            block.router.fc2.bias[1] += shift
+        return shift
+
+    @torch.no_grad()
+    def _measure(self, decisions: Tensor) -> float:
+        """Mean cost of 0/1 ``decisions`` (N, n_blocks), averaged over processes under DDP."""
+        measured = path_costs(hard_paths(decisions).float(), self.block_costs, self.fixed_cost).mean()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(measured)
+            measured /= dist.get_world_size()
+        self.last_measured = measured.item()
+        return self.last_measured
+
+    @torch.no_grad()
+    def _update_gamma(self, decisions: Tensor) -> None:
+        self.gamma += self.step_size * (self._measure(decisions) - self.target)
+
+    def extra_repr(self) -> str:
+        return (
+            f"target={self.target}, penalty={self.penalty}, step_size={self.step_size}, trim_step={self.trim_step}, "
+            f"gamma={self.gamma.item():.4f}, fixed_cost={self.fixed_cost:.4f}"
+        )

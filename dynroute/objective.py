@@ -1,0 +1,102 @@
+"""The CoDiNet training objective in one module: cross-entropy plus the three path terms (Eq. 12)."""
+
+from torch import Tensor, nn
+
+from dynroute.budget import BudgetLoss
+from dynroute.flops import MacsTable
+from dynroute.losses import ConsistencyLoss, CostLoss, DiversityLoss
+from dynroute.training import get_stage
+
+__all__ = ["CoDiNetLoss"]
+
+
+class CoDiNetLoss(nn.Module):
+    """``CE + alpha * consistency + beta * diversity + cost term`` on a sample-major batch.
+
+    The cost term is :class:`BudgetLoss` (adaptive gamma) when ``target`` is set, else
+    ``gamma * CostLoss`` (Eq. 11 with a fixed weight).
+
+    Fallbacks, so the same loop runs everywhere: with ``num_views=1`` the consistency term is
+    left out (it compares views of one sample, and there is only one); in stage 2 (paths carry no
+    gradient: routers frozen, hard decisions) all path terms are left out and gamma stays put;
+    call :meth:`trim` after each stage-2 step to hold the hard cost on the budget.
+
+    Args:
+        table: the model's :class:`MacsTable`.
+        num_views: M, views per sample in the batch.
+        alpha: consistency weight.
+        beta: diversity weight.
+        gamma: the cost weight: fixed (default 1.0) without ``target``, the starting value of the
+            adaptive gamma (default 0.0) with one.
+        target: budget as a fraction of dense MACs; enables the adaptive gamma.
+        consistency_margin: m_c of Eq. 8.
+        diversity_margin: m_d of Eq. 9.
+        budget_kwargs: passed to :class:`BudgetLoss` (``penalty``, ``step_size``).
+
+    Example:
+        >>> criterion = CoDiNetLoss(dynroute.macs_table(model), num_views=2, target=0.6)
+        >>> loss, terms = criterion(model(x), y, dynroute.routing_paths(model), dynroute.routing_logits(model))
+    """
+
+    def __init__(
+        self,
+        table: MacsTable,
+        num_views: int,
+        alpha: float = 0.2,
+        beta: float = 0.2,
+        gamma: float | None = None,
+        target: float | None = None,
+        consistency_margin: float = 0.2,
+        diversity_margin: float = 0.5,
+        **budget_kwargs: float,
+    ) -> None:
+        super().__init__()
+        if target is None:
+            self.cost: nn.Module = CostLoss(table)
+            gamma = 1.0 if gamma is None else gamma
+        else:
+            self.cost = BudgetLoss(table, target, initial_gamma=gamma or 0.0, **budget_kwargs)
+        self.num_views, self.alpha, self.beta, self.gamma = num_views, alpha, beta, gamma
+        self.classification = nn.CrossEntropyLoss()
+        self.consistency = ConsistencyLoss(num_views, consistency_margin) if num_views > 1 else None
+        self.diversity = DiversityLoss(num_views, diversity_margin)
+
+    def forward(
+        self, logits: Tensor, labels: Tensor, paths: Tensor, router_logits: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Total loss and its terms as floats (for logging).
+
+        Args:
+            logits: class logits (L * M, classes).
+            labels: (L * M,) labels, repeated per view.
+            paths: ``dynroute.routing_paths(model)`` of that forward, (L * M, n_blocks).
+            router_logits: ``dynroute.routing_logits(model)``; lets the budget steer test-time decisions.
+        """
+        loss = self.classification(logits, labels)
+        terms = {"ce": loss.item()}
+        if not paths.requires_grad:
+            return loss, terms
+        if self.consistency is not None and self.alpha:
+            consistency = self.consistency(paths)
+            loss = loss + self.alpha * consistency
+            terms["consistency"] = consistency.item()
+        if self.beta and paths.shape[0] > self.num_views:
+            diversity = self.diversity(paths)
+            loss = loss + self.beta * diversity
+            terms["diversity"] = diversity.item()
+        if isinstance(self.cost, BudgetLoss):
+            cost = self.cost(paths, router_logits)
+            terms["gamma"] = self.cost.gamma.item()
+        else:
+            cost = self.gamma * self.cost(paths)
+        loss = loss + cost
+        terms["cost"] = cost.item()
+        return loss, terms
+
+    def trim(self, model: nn.Module) -> None:
+        """After a stage-2 step, keep the hard cost on the budget (:meth:`BudgetLoss.trim`); else nothing."""
+        if isinstance(self.cost, BudgetLoss) and get_stage(model) == 2:
+            self.cost.trim(model)
+
+    def extra_repr(self) -> str:
+        return f"num_views={self.num_views}, alpha={self.alpha}, beta={self.beta}, gamma={self.gamma}"

@@ -1,0 +1,95 @@
+"""Two-stage CoDiNet training: stage switch, parameter groups and routed checkpoints.
+
+Stage 1 trains blocks and routers jointly with relaxed (Gumbel-softmax) gates. Stage 2 freezes
+the routers and trains the blocks under the hard decisions the network takes at test time,
+closing the gap between relaxed training and hard inference (CoDiNet Sec. 3.4).
+"""
+
+import os
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from dynroute.routing import _require_gated_blocks, gated_blocks
+
+__all__ = [
+    "Stage",
+    "set_stage",
+    "get_stage",
+    "router_parameters",
+    "block_parameters",
+    "save_checkpoint",
+    "load_checkpoint",
+]
+
+Stage = Literal[1, 2]
+
+
+def set_stage(model: nn.Module, stage: Stage) -> nn.Module:
+    """Switch a converted model to training stage 1 or 2.
+
+    Stage 1: relaxed gates in train mode, routers trainable. Stage 2: hard decisions in train mode
+    too (``GatedBlock.hard_decisions``) and router parameters frozen (``requires_grad=False``).
+    Build the optimizer after switching, or give it only parameters that still require grad:
+    :func:`block_parameters` is the same in both stages.
+
+    Returns:
+        The same model, for chaining.
+    """
+    if stage not in (1, 2):
+        raise ValueError(f"stage must be 1 (joint, relaxed) or 2 (routers frozen, hard decisions), but got {stage!r}")
+    for _, block in _require_gated_blocks(model):
+        block.hard_decisions = stage == 2
+        block.router.requires_grad_(stage == 1)
+    return model
+
+
+def get_stage(model: nn.Module) -> Stage:
+    """The stage :func:`set_stage` last set (1 for a freshly converted model)."""
+    flags = {block.hard_decisions for _, block in _require_gated_blocks(model)}
+    if len(flags) != 1:
+        raise ValueError("the gated blocks disagree on hard_decisions; call dynroute.set_stage(model, 1 or 2)")
+    return 2 if flags.pop() else 1
+
+
+def router_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters of every router, e.g. for an optimizer group with its own learning rate."""
+    return [param for _, block in gated_blocks(model) for param in block.router.parameters()]
+
+
+def block_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every parameter that is not a router's: the backbone, blocks and head."""
+    routers = {id(param) for param in router_parameters(model)}
+    return [param for param in model.parameters() if id(param) not in routers]
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra: Any) -> None:
+    """Save a model's ``state_dict`` and stage, plus ``extra`` entries (optimizer state, epoch...).
+
+    A DDP wrapper is unwrapped so the keys are the model's own. A model without gated blocks (a
+    dense baseline) is saved with stage None.
+    """
+    model = getattr(model, "module", model)
+    stage = get_stage(model) if any(True for _ in gated_blocks(model)) else None
+    torch.save({"model": model.state_dict(), "stage": stage, **extra}, path)
+
+
+def load_checkpoint(path: str | os.PathLike, model: nn.Module, strict: bool = True) -> dict[str, Any]:
+    """Load a checkpoint of :func:`save_checkpoint` into ``model`` and restore its stage.
+
+    Returns:
+        The ``extra`` entries that were saved with it.
+    """
+    model = getattr(model, "module", model)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+        raise ValueError(
+            f"{os.fspath(path)!r} is not a dynroute checkpoint (no 'model' entry); for a pretrained dense "
+            "checkpoint use model.load_state_dict or dynroute.models.load_cifar_checkpoint"
+        )
+    model.load_state_dict(checkpoint.pop("model"), strict=strict)
+    stage = checkpoint.pop("stage", None)
+    if stage is not None:
+        set_stage(model, stage)
+    return checkpoint

@@ -1,0 +1,405 @@
+"""The CoDiNet training loop the examples share: DDP setup, two stages, evaluation, logs, resume.
+
+Not part of the library: a readable loop to copy into your own project. The library pieces it
+uses are ``dynroute.CoDiNetLoss``, ``dynroute.set_stage``, ``dynroute.save_checkpoint`` /
+``load_checkpoint``, ``dynroute.routing_paths`` and the accounting functions.
+"""
+
+import argparse
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+import dynroute
+from dynroute.flops import count_macs
+
+# Per-epoch means written to the CSV log; a term a stage does not compute is NaN.
+LOGGED_TERMS = ("ce", "consistency", "diversity", "gamma", "cost", "train_macs")
+
+
+@dataclass
+class Distributed:
+    """Where this process runs: rank, world size and device."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed() -> Distributed:
+    """Join the process group ``torchrun`` describes (nccl on CUDA, gloo on CPU), or run alone."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if world_size > 1:
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        return Distributed(dist.get_rank(), world_size, device)
+    return Distributed(0, 1, device)
+
+
+def image_folder_split(root: str, names: tuple[str, ...]) -> str:
+    """The first of ``root/<name>`` folders that exists, e.g. ``("val", "test")``."""
+    for name in names:
+        if os.path.isdir(os.path.join(root, name)):
+            return os.path.join(root, name)
+    raise ValueError(f"{root!r} has none of the folders {names}; an ImageFolder root needs train/ and test/ (or val/)")
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by the examples; the original CoDiNet spellings are aliases (see docs/training.md)."""
+    add = parser.add_argument
+    add("--train-bs", "--train_bs", dest="train_bs", type=int, default=64, help="samples per batch and process (L)")
+    add("--test-bs", "--test_bs", dest="test_bs", type=int, default=100, help="evaluation batch size")
+    add("--views", type=int, default=None, help="augmented views per sample M (default 2; --aug_repeat sets it)")
+    add("--aug_repeat", "--aug-repeat", dest="aug_repeat", type=int, default=None, help="original flag: views M")
+    add("--lr", type=float, default=0.1, help="learning rate of the network (SGD, cosine schedule)")
+    add("--router-lr", type=float, default=None, help="learning rate of the routers (default: --lr)")
+    add("--momentum", type=float, default=0.9)
+    add("--weight-decay", "--weight_decay", dest="weight_decay", type=float, default=1e-4)
+    add("--epochs", type=int, default=60, help="stage-1 epochs (all epochs for --dense)")
+    add("--stage2-epochs", type=int, default=0, help="stage-2 epochs: routers frozen, hard decisions")
+    add("--dense", action="store_true", help="train the dense network (no routers): the baseline")
+    add("--budget", type=float, default=None, help="target average cost, fraction of dense MACs (adaptive gamma)")
+    add("--num_target", "--num-target", dest="num_target", type=int, default=None, help="original: blocks to run")
+    add("--gamma", "--loss_w", dest="gamma", type=float, default=None, help="cost weight (initial gamma with a budget)")
+    add("--consistency-weight", type=float, default=0.2, help="alpha, weight of Eq. 8")
+    add("--diversity-weight", type=float, default=0.2, help="beta of the paper, weight of Eq. 9")
+    add("--loss_lda", "--loss-lda", dest="loss_lda", type=float, default=None, help="original: both path weights")
+    add("--consistency-margin", "--lda_intra_margin", dest="consistency_margin", type=float, default=0.2)
+    add("--diversity-margin", "--lda_inter_margin", dest="diversity_margin", type=float, default=0.5)
+    add("--temperature", type=float, default=1.0, help="Gumbel-softmax temperature of the routers")
+    add("--beta", type=float, default=None, help="original flag, accepted and unused (as in the original)")
+    add("--budget-penalty", type=float, default=4.0, help="quadratic weight of the budget loss")
+    add("--budget-step", type=float, default=0.05, help="gamma's step per batch")
+    add("--log-path", "--log_path", dest="log_path", default="./outputs", help="where runs are written")
+    add("--note", default="run", help="run name: the run's folder under --log-path")
+    add("--resume", action="store_true", help="continue the run in --log-path/--note from its last checkpoint")
+    add("--workers", type=int, default=2, help="data loader worker processes")
+    add("--threads", type=int, default=None, help="torch CPU threads per process")
+    add("--seed", type=int, default=0)
+    add("--max-steps", type=int, default=None, help="stop each stage after this many steps (smoke tests)")
+    add("--max-eval-batches", type=int, default=None, help="evaluate on this many batches only (smoke tests)")
+    add("--local_rank", "--local-rank", dest="local_rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def resolve_arguments(args: argparse.Namespace) -> argparse.Namespace:
+    """Turn the original CoDiNet flags into this script's settings, in place.
+
+    ``--aug_repeat R`` gives R views (0 counts as 1) and ``--loss_lda`` both path weights;
+    ``--num_target K`` becomes a budget in :func:`build_criterion`, once the MAC table is known.
+    """
+    if args.views is None:
+        args.views = max(1, args.aug_repeat) if args.aug_repeat is not None else 2
+    if args.views < 1:
+        raise ValueError(f"--views must be >= 1, but got {args.views}")
+    if args.loss_lda is not None:
+        args.consistency_weight = args.diversity_weight = args.loss_lda
+    if args.router_lr is None:
+        args.router_lr = args.lr
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
+def budget_from_num_target(num_target: int, table: dynroute.MacsTable) -> float:
+    """The original ``--num_target``: blocks run per sample on average, as a cost fraction of dense.
+
+    The original loss pulls the summed run-probability of each sample's gates to ``num_target``;
+    a count at or above the number of blocks asks for the dense network (budget 1.0).
+    """
+    if num_target < 1:
+        raise ValueError(f"--num_target counts blocks run per sample and must be >= 1, but got {num_target}")
+    blocks = min(num_target, table.num_blocks)
+    return min(1.0, table.fixed_cost() + blocks * float(table.block_costs().mean()))
+
+
+def build_criterion(args: argparse.Namespace, model: nn.Module) -> dynroute.CoDiNetLoss | nn.CrossEntropyLoss:
+    """Cross-entropy for ``--dense``, else the CoDiNet objective with the budget the flags ask for."""
+    if args.dense:
+        return nn.CrossEntropyLoss()
+    table = dynroute.macs_table(model)
+    budget = args.budget
+    if budget is None and args.num_target:
+        budget = budget_from_num_target(args.num_target, table)
+    budget_kwargs = {"penalty": args.budget_penalty, "step_size": args.budget_step}
+    return dynroute.CoDiNetLoss(
+        table,
+        num_views=args.views,
+        alpha=args.consistency_weight,
+        beta=args.diversity_weight,
+        gamma=args.gamma,
+        target=budget,
+        consistency_margin=args.consistency_margin,
+        diversity_margin=args.diversity_margin,
+        **(budget_kwargs if budget is not None else {}),
+    )
+
+
+def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.SGD:
+    """SGD with the routers in their own group (their own learning rate, no weight decay)."""
+    groups = [{"params": dynroute.block_parameters(model), "lr": args.lr, "weight_decay": args.weight_decay}]
+    routers = dynroute.router_parameters(model) if not args.dense else []
+    if routers:
+        groups.append({"params": routers, "lr": args.router_lr, "weight_decay": 0.0})
+    return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
+
+
+def cosine_factor(step: int, total: int) -> float:
+    """Learning-rate multiplier of a cosine schedule from 1 at step 0 to 0 at ``total``."""
+    return 0.5 * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
+
+
+def make_train_loader(dataset: Dataset, args: argparse.Namespace, env: Distributed) -> DataLoader:
+    """Sample-major multi-view batches of ``args.train_bs`` samples, sharded across processes."""
+    sampler = DistributedSampler(dataset, seed=args.seed) if env.enabled else None
+    return DataLoader(
+        dataset,
+        batch_size=args.train_bs,
+        shuffle=sampler is None,
+        sampler=sampler,
+        num_workers=args.workers,
+        collate_fn=dynroute.multiview_collate,
+        drop_last=True,
+        persistent_workers=args.workers > 0,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, max_batches: int | None = None, progress: bool = True) -> dict:
+    """Top-1 accuracy, average MACs (and fraction of dense) and distinct paths over ``loader``.
+
+    A routed model runs with hard decisions and really skips blocks; a dense one is counted with
+    fvcore. ``seconds`` is the wall time of the pass (data loading included).
+    """
+    model.eval()
+    routed = any(True for _ in dynroute.gated_blocks(model))
+    correct = total = 0
+    paths: list[Tensor] = []
+    device = next(model.parameters()).device
+    start = time.perf_counter()
+    batches = tqdm(loader, desc="eval", leave=False, disable=not progress)
+    for index, (images, labels) in enumerate(batches):
+        if max_batches is not None and index >= max_batches:
+            break
+        logits = model(images.to(device))
+        correct += (logits.argmax(1).cpu() == labels).sum().item()
+        total += labels.numel()
+        if routed:
+            paths.append(dynroute.routing_paths(model).cpu())
+    seconds = time.perf_counter() - start
+    input_size = tuple(images.shape[1:])
+    if routed:
+        table = dynroute.macs_table(model)
+        all_paths = torch.cat(paths)
+        macs, dense = dynroute.sample_macs(all_paths, table).mean().item(), table.dense_macs
+        distinct = dynroute.count_distinct_paths(all_paths)
+    else:
+        macs = dense = count_macs(model, input_size).total()
+        distinct = 1
+    return {
+        "top1": 100.0 * correct / max(total, 1),
+        "images": total,
+        "macs": macs,
+        "dense_macs": dense,
+        "macs_fraction": macs / dense,
+        "distinct_paths": distinct,
+        "seconds": seconds,
+    }
+
+
+@dataclass
+class RunState:
+    """Where a run is: the next epoch to train, the optimizer step count, training seconds so far."""
+
+    epoch: int = 0
+    step: int = 0
+    seconds: float = 0.0
+
+
+class Run:
+    """One training run: folder, TensorBoard and CSV logs, checkpoints, resume."""
+
+    def __init__(self, args: argparse.Namespace, env: Distributed) -> None:
+        self.args, self.env = args, env
+        self.folder = os.path.join(args.log_path, args.note)
+        self.checkpoint_path = os.path.join(self.folder, "last.pt")
+        self.csv_path = os.path.join(self.folder, "log.csv")
+        self.writer = None
+        if env.is_main:
+            os.makedirs(self.folder, exist_ok=True)
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(self.folder, "tensorboard"))
+            with open(os.path.join(self.folder, "args.json"), "w") as file:
+                json.dump(vars(args), file, indent=2)
+
+    def log_scalars(self, prefix: str, values: dict, step: int) -> None:
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(f"{prefix}/{key}", value, step)
+
+    def log_epoch(self, row: dict) -> None:
+        """Append one row to the CSV log (main process only)."""
+        if not self.env.is_main:
+            return
+        new = not os.path.exists(self.csv_path)
+        with open(self.csv_path, "a", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module, state: RunState) -> None:
+        if self.env.is_main:
+            dynroute.save_checkpoint(
+                self.checkpoint_path + ".tmp",
+                model,
+                optimizer=optimizer.state_dict(),
+                criterion=criterion.state_dict(),
+                **asdict(state),
+            )
+            os.replace(self.checkpoint_path + ".tmp", self.checkpoint_path)
+
+    def resume(self, model: nn.Module, criterion: nn.Module) -> tuple[RunState, dict | None]:
+        """Restore model, stage and criterion (gamma) from the last checkpoint, if asked and present."""
+        if not (self.args.resume and os.path.exists(self.checkpoint_path)):
+            return RunState(), None
+        extra = dynroute.load_checkpoint(self.checkpoint_path, model)
+        criterion.load_state_dict(extra["criterion"])
+        return RunState(extra["epoch"], extra["step"], extra["seconds"]), extra["optimizer"]
+
+    def close(self, report: dict) -> None:
+        if self.env.is_main:
+            with open(os.path.join(self.folder, "results.json"), "w") as file:
+                json.dump(report, file, indent=2)
+            self.writer.close()
+
+
+def _wrap(model: nn.Module, env: Distributed, stage: int) -> nn.Module:
+    """DDP around ``model`` for this stage (stage 2 may leave skipped blocks without gradients)."""
+    if not env.enabled:
+        return model
+    device_ids = [env.device.index] if env.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=stage == 2)
+
+
+def train(
+    model: nn.Module,
+    train_set: Dataset,
+    test_loader: DataLoader,
+    args: argparse.Namespace,
+    env: Distributed,
+) -> dict:
+    """Train ``model`` (converted, or dense with ``args.dense``) through both stages; return the final report."""
+    model.to(env.device)
+    criterion = build_criterion(args, model).to(env.device)
+    run = Run(args, env)
+    state, optimizer_state = run.resume(model, criterion)
+    loader = make_train_loader(train_set, args, env)
+    steps_per_epoch = len(loader) if args.max_steps is None else min(len(loader), args.max_steps)
+    total_epochs = args.epochs + (0 if args.dense else args.stage2_epochs)
+    total_steps = total_epochs * steps_per_epoch
+    start_time = time.perf_counter()
+    optimizer = build_optimizer(model, args)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    wrapped, wrapped_stage = model, None
+    while state.epoch < total_epochs:
+        stage = 1 if args.dense or state.epoch < args.epochs else 2
+        if stage != wrapped_stage:
+            if not args.dense:
+                dynroute.set_stage(model, stage)
+            wrapped, wrapped_stage = _wrap(model, env, stage), stage
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(state.epoch)
+        model.train()
+        criterion.train()
+        sums = {"steps": 0.0, "loss": 0.0, "correct": 0.0, "seen": 0.0}
+        bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {state.epoch + 1}/{total_epochs} stage {stage}")
+        bar.disable = not env.is_main
+        for index, (images, labels) in enumerate(bar):
+            if index >= steps_per_epoch:
+                break
+            for group, base in zip(optimizer.param_groups, (args.lr, args.router_lr)):
+                group["lr"] = base * cosine_factor(state.step, total_steps)
+            images, labels = images.to(env.device, non_blocking=True), labels.to(env.device, non_blocking=True)
+            logits = wrapped(images)
+            if args.dense:
+                loss, terms = criterion(logits, labels), {}
+                terms["ce"] = loss.item()
+            else:
+                paths, router_logits = dynroute.routing_paths(model), dynroute.routing_logits(model)
+                loss, terms = criterion(logits, labels, paths, router_logits)
+                terms["train_macs"] = dynroute.macs_fraction(paths, dynroute.macs_table(model))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if not args.dense:
+                criterion.trim(model)  # stage 2 with a budget: hold the hard cost on it
+            state.step += 1
+            sums["loss"] += loss.item() * labels.numel()
+            sums["correct"] += (logits.argmax(1) == labels).sum().item()
+            sums["seen"] += labels.numel()
+            sums["steps"] += 1
+            for key, value in terms.items():
+                sums[key] = sums.get(key, 0.0) + value
+            if env.is_main:
+                bar.set_postfix({key: f"{value:.3f}" for key, value in terms.items()})
+                run.log_scalars("train", {**terms, "lr": optimizer.param_groups[0]["lr"]}, state.step)
+        state.epoch += 1
+        state.seconds += time.perf_counter() - start_time
+        start_time = time.perf_counter()
+        run.save(model, optimizer, criterion, state)
+        row = {
+            "epoch": state.epoch,
+            "stage": stage,
+            "train_loss": sums["loss"] / max(sums["seen"], 1),
+            "train_top1": 100.0 * sums["correct"] / max(sums["seen"], 1),
+            **{key: sums.get(key, math.nan) / max(sums["steps"], 1) for key in LOGGED_TERMS},
+            "minutes": state.seconds / 60,
+        }
+        run.log_epoch(row)
+        run.log_scalars("epoch", row, state.epoch)
+        if env.enabled:
+            dist.barrier()
+    report = final_report(model, test_loader, args, env)
+    run.close(report)
+    return report
+
+
+def final_report(model: nn.Module, test_loader: DataLoader, args: argparse.Namespace, env: Distributed) -> dict:
+    """Evaluate on the whole test set in the main process and print top-1, MACs and distinct paths."""
+    report: dict = {}
+    if env.is_main:
+        report = evaluate(model, test_loader, args.max_eval_batches)
+        print(
+            f"test top-1 {report['top1']:.2f}% on {report['images']} images | average MACs "
+            f"{report['macs'] / 1e6:.1f} M = {100 * report['macs_fraction']:.1f}% of dense "
+            f"({report['dense_macs'] / 1e6:.1f} M) | distinct paths {report['distinct_paths']} | "
+            f"eval {report['seconds']:.1f} s"
+        )
+    if env.enabled:
+        dist.barrier()
+    return report

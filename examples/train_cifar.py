@@ -1,0 +1,108 @@
+"""Train a routed CIFAR ResNet the CoDiNet way: CIFAR-10/100, SVHN or any ImageFolder; 1 or N processes.
+
+Single process:
+    python examples/train_cifar.py --dataset cifar10 --backbone resnet56 --pretrained cifar_resnet56.th \\
+        --data-root ~/data/cifar10 --budget 0.6 --epochs 10 --stage2-epochs 2
+Several processes (gloo on CPU, nccl on CUDA), replacing the original torch.distributed.launch:
+    torchrun --nproc_per_node=2 examples/train_cifar.py ...
+The original CoDiNet command line is accepted as is; docs/training.md maps each of its flags.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import datasets
+
+import dynroute
+from dynroute.data import MultiViewTransform, eval_transform, train_transform
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import add_training_arguments, image_folder_split, resolve_arguments, setup_distributed, train  # noqa: E402
+
+BACKBONES = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet74", "resnet110")
+DATASETS = ("cifar10", "cifar100", "svhn", "imagefolder")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--dataset", default="cifar10", help=f"one of {DATASETS}")
+    add(
+        "--data-root",
+        "--data_root",
+        dest="data_root",
+        default=os.path.expanduser("~/data"),
+        help="torchvision dataset folder, or an ImageFolder root with train/ and test/ (or val/)",
+    )
+    add("--download", action="store_true", help="let torchvision download CIFAR / SVHN into --data-root")
+    add("--backbone", default="resnet56", help=f"one of {BACKBONES}")
+    add("--pretrained", "--model_path", dest="pretrained", default=None, help="dense checkpoint to start from")
+    add("--pretrain", action="store_true", help="original flag; the checkpoint is --model_path")
+    add("--shortcut", default="A", choices=("A", "B"), help="shortcut option of the CIFAR ResNet")
+    add("--train-subset", type=int, default=None, help="train on a fixed random subset of this many images")
+    add("--test-subset", type=int, default=None, help="evaluate on the first this many test images")
+    add_training_arguments(parser)
+    return parser
+
+
+def build_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset, int]:
+    """(train set with M views per sample, test set, number of classes)."""
+    dataset = args.dataset.lower()
+    if dataset not in DATASETS:
+        raise ValueError(f"--dataset must be one of {DATASETS}, but got {args.dataset!r}")
+    views = MultiViewTransform(train_transform(dataset), args.views)
+    test_tf = eval_transform()
+    root = os.path.expanduser(args.data_root)
+    if dataset == "imagefolder" or os.path.isdir(os.path.join(root, "train")):
+        train_set = datasets.ImageFolder(image_folder_split(root, ("train",)), views)
+        test_set = datasets.ImageFolder(image_folder_split(root, ("test", "val")), test_tf)
+        classes = len(train_set.classes)
+    elif dataset == "svhn":
+        train_set = datasets.SVHN(root, split="train", transform=views, download=args.download)
+        test_set = datasets.SVHN(root, split="test", transform=test_tf, download=args.download)
+        classes = 10
+    else:
+        factory = datasets.CIFAR10 if dataset == "cifar10" else datasets.CIFAR100
+        train_set = factory(root, train=True, transform=views, download=args.download)
+        test_set = factory(root, train=False, transform=test_tf, download=args.download)
+        classes = 10 if dataset == "cifar10" else 100
+    if args.train_subset:
+        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed))
+        train_set = Subset(train_set, order[: args.train_subset].tolist())
+    if args.test_subset:
+        test_set = Subset(test_set, range(min(args.test_subset, len(test_set))))
+    return train_set, test_set, classes
+
+
+def build_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
+    """The CIFAR ResNet, loaded from ``--pretrained`` if given, converted unless ``--dense``."""
+    if args.backbone not in BACKBONES:
+        raise ValueError(f"--backbone must be one of {BACKBONES}, but got {args.backbone!r}")
+    model = getattr(dynroute.models, args.backbone)(num_classes=num_classes, shortcut=args.shortcut)
+    if args.pretrained:
+        dynroute.models.load_cifar_checkpoint(model, args.pretrained)
+    if args.dense:
+        return model
+    return dynroute.convert_resnet(model, input_size=(3, 32, 32), temperature=args.temperature)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = resolve_arguments(build_parser().parse_args(argv))
+    torch.manual_seed(args.seed)
+    env = setup_distributed()
+    train_set, test_set, classes = build_datasets(args)
+    model = build_model(args, classes)
+    if env.is_main and not args.dense:
+        print(dynroute.macs_table(model))
+    test_loader = DataLoader(test_set, batch_size=args.test_bs, num_workers=args.workers)
+    report = train(model, train_set, test_loader, args, env)
+    if env.enabled:
+        torch.distributed.destroy_process_group()
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Train a routed timm ResNet-50/101 on ImageNet (or any ImageFolder) the CoDiNet way, 1 or N processes.
+
+    torchrun --nproc_per_node=8 examples/train_imagenet.py --data-root /data/imagenet --model resnet50 \\
+        --pretrained hub --budget 0.6 --epochs 10 --stage2-epochs 2 --lr 0.01 --router-lr 0.1
+
+``--data-root`` holds ``train/<class>/*`` and ``val/<class>/*``. ``--pretrained`` is ``hub`` (timm
+downloads the weights), a local checkpoint file, or absent (from scratch). Losses, stages, logs
+and resume are those of train_cifar.py; see docs/training.md.
+"""
+
+import argparse
+import os
+import sys
+
+import timm
+import torch
+from torch.utils.data import DataLoader
+from torchvision import datasets
+from torchvision import transforms as T
+
+import dynroute
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import add_training_arguments, image_folder_split, resolve_arguments, setup_distributed, train  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--data-root", "--data_root", dest="data_root", required=True, help="ImageFolder root with train/ and val/")
+    add("--model", "--backbone", dest="model", default="resnet50", help="a timm ResNet: resnet50, resnet101, ...")
+    add("--pretrained", default=None, help="'hub' for timm's weights, or a local checkpoint file")
+    add("--image-size", type=int, default=224, help="training crop; evaluation resizes to size / 0.875 and crops")
+    add_training_arguments(parser)
+    parser.set_defaults(train_bs=32, test_bs=64, lr=0.01, epochs=10, workers=8)
+    return parser
+
+
+def build_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
+    """The timm model with the requested weights, converted unless ``--dense``."""
+    hub = args.pretrained == "hub"
+    model = timm.create_model(args.model, pretrained=hub, num_classes=num_classes)
+    if args.pretrained and not hub:
+        state = timm.models.load_state_dict(args.pretrained)
+        if state.get("fc.weight") is not None and state["fc.weight"].shape[0] != num_classes:
+            state = {key: value for key, value in state.items() if not key.startswith("fc.")}
+        model.load_state_dict(state, strict=False)
+    if args.dense:
+        return model
+    size = (3, args.image_size, args.image_size)
+    return dynroute.convert_resnet(model, input_size=size, temperature=args.temperature)
+
+
+def build_transforms(model: torch.nn.Module, image_size: int) -> tuple[T.Compose, T.Compose]:
+    """Random-resized-crop + flip for training, resize + centre crop for evaluation, timm's normalisation."""
+    config = model.pretrained_cfg
+    normalize = T.Normalize(
+        config.get("mean", dynroute.data.IMAGENET_MEAN), config.get("std", dynroute.data.IMAGENET_STD)
+    )
+    train_tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
+    eval_tf = T.Compose([T.Resize(round(image_size / 0.875)), T.CenterCrop(image_size), T.ToTensor(), normalize])
+    return train_tf, eval_tf
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = resolve_arguments(build_parser().parse_args(argv))
+    torch.manual_seed(args.seed)
+    env = setup_distributed()
+    root = os.path.expanduser(args.data_root)
+    train_set = datasets.ImageFolder(image_folder_split(root, ("train",)))
+    test_set = datasets.ImageFolder(image_folder_split(root, ("val", "test")))
+    model = build_model(args, len(train_set.classes))
+    train_tf, test_set.transform = build_transforms(model, args.image_size)
+    train_set.transform = dynroute.MultiViewTransform(train_tf, args.views)
+    if env.is_main and not args.dense:
+        print(dynroute.macs_table(model))
+    test_loader = DataLoader(test_set, batch_size=args.test_bs, num_workers=args.workers)
+    report = train(model, train_set, test_loader, args, env)
+    if env.enabled:
+        torch.distributed.destroy_process_group()
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Smoke runs of the training examples on tiny generated data, and the original CoDiNet command line."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import dynroute
+from dynroute.flops import count_macs
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+import _common  # noqa: E402
+import quickstart  # noqa: E402
+import train_cifar  # noqa: E402
+import train_imagenet  # noqa: E402
+
+ORIGINAL_COMMAND = (
+    "--dataset cifar10 --backbone resnet20 --train_bs 60 --aug_repeat 1 --test_bs 100 --lr 0.1 --epochs 60 "
+    "--beta 25 --loss_w 0.0 --num_target 16 --log_path ./outputs --note your_note"
+).split()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The runs below set one torch thread (--threads 1, fast on a shared CPU); restore it afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _image_folder(root: Path, splits: tuple[str, ...], classes: int, per_class: int, size: int) -> Path:
+    generator = torch.Generator().manual_seed(0)
+    for split in splits:
+        for label in range(classes):
+            folder = root / split / f"class{label}"
+            folder.mkdir(parents=True)
+            for index in range(per_class):
+                pixels = torch.randint(0, 256, (size, size, 3), generator=generator, dtype=torch.uint8)
+                Image.fromarray(pixels.numpy()).save(folder / f"{index}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def cifar_folder(tmp_path_factory) -> Path:
+    return _image_folder(tmp_path_factory.mktemp("cifar"), ("train", "test"), classes=3, per_class=8, size=32)
+
+
+def _tiny_run(folder: Path, log_path: Path, *extra: str) -> list[str]:
+    return [
+        "--data-root", str(folder), "--backbone", "resnet20", "--train-bs", "4", "--test-bs", "8",
+        "--lr", "0.01", "--max-steps", "2", "--workers", "0", "--threads", "1",
+        "--log-path", str(log_path), "--note", "smoke", *extra,
+    ]  # fmt: skip
+
+
+def _csv_rows(path: Path) -> list[dict]:
+    with open(path) as file:
+        return list(csv.DictReader(file))
+
+
+class TestOriginalCommandLine:
+    """The original CoDiNet flags parse and map to this project's settings."""
+
+    def test_mapping(self) -> None:
+        args = _common.resolve_arguments(train_cifar.build_parser().parse_args(ORIGINAL_COMMAND))
+        assert (args.dataset, args.backbone) == ("cifar10", "resnet20")
+        assert (args.train_bs, args.test_bs, args.lr, args.epochs) == (60, 100, 0.1, 60)
+        assert args.views == 1
+        assert args.temperature == 1.0 and args.beta == 25  # the original never used --beta
+        assert args.gamma == 0.0 and args.num_target == 16
+        assert (args.log_path, args.note) == ("./outputs", "your_note")
+
+    def test_num_target_becomes_a_budget(self) -> None:
+        args = _common.resolve_arguments(train_cifar.build_parser().parse_args(ORIGINAL_COMMAND))
+        model = train_cifar.build_model(args, 10)
+        criterion = _common.build_criterion(args, model)
+        assert criterion.cost.target == 1.0  # 16 blocks of resnet20's 9: every block runs, as in the original
+        assert criterion.cost.gamma.item() == 0.0  # --loss_w is gamma's starting value
+        assert criterion.consistency is None  # --aug_repeat 1: one view, no consistency term
+
+    def test_num_target_below_the_block_count(self) -> None:
+        table = dynroute.macs_table(dynroute.convert_resnet(dynroute.models.resnet56(), input_size=(3, 32, 32)))
+        expected = (table.base_macs + sum(table.router_macs) + 16 * sum(table.block_macs) / 27) / table.dense_macs
+        assert _common.budget_from_num_target(16, table) == pytest.approx(expected, rel=1e-5)
+
+    def test_torch_distributed_launch_rank_flag_is_accepted(self) -> None:
+        args = train_cifar.build_parser().parse_args([*ORIGINAL_COMMAND, "--local_rank", "0"])
+        assert args.local_rank == 0
+
+    def test_bad_num_target(self) -> None:
+        table = dynroute.macs_table(dynroute.convert_resnet(dynroute.models.resnet20(), input_size=(3, 32, 32)))
+        with pytest.raises(ValueError, match="--num_target"):
+            _common.budget_from_num_target(0, table)
+
+
+class TestTrainCifar:
+    """train_cifar.py runs both stages, logs, resumes and reports on tiny ImageFolder data."""
+
+    def test_two_stages_then_resume(self, cifar_folder: Path, tmp_path: Path) -> None:
+        args = _tiny_run(cifar_folder, tmp_path, "--budget", "0.6", "--epochs", "1", "--stage2-epochs", "1")
+        report = train_cifar.main(args)
+        run = tmp_path / "smoke"
+        rows = _csv_rows(run / "log.csv")
+        assert [row["stage"] for row in rows] == ["1", "2"]
+        assert report["images"] == 24 and 0 < report["macs_fraction"] <= 1.01
+        assert json.loads((run / "results.json").read_text())["top1"] == report["top1"]
+        assert any((run / "tensorboard").iterdir())
+        resumed = train_cifar.main([*args[:-4], "--epochs", "1", "--stage2-epochs", "2", "--resume"])
+        rows = _csv_rows(run / "log.csv")
+        assert [row["stage"] for row in rows] == ["1", "2", "2"]  # only the new epoch ran
+        assert resumed["images"] == 24
+
+    def test_dense_baseline(self, cifar_folder: Path, tmp_path: Path) -> None:
+        report = train_cifar.main(_tiny_run(cifar_folder, tmp_path, "--dense", "--epochs", "1", "--views", "1"))
+        assert report["macs_fraction"] == 1.0 and report["distinct_paths"] == 1
+        assert report["dense_macs"] == pytest.approx(41e6, rel=0.02)
+
+    def test_unknown_dataset(self, cifar_folder: Path, tmp_path: Path) -> None:
+        with pytest.raises(ValueError, match="--dataset"):
+            train_cifar.main(_tiny_run(cifar_folder, tmp_path, "--dataset", "mnist"))
+
+    @pytest.mark.slow
+    def test_torchrun_two_processes(self, cifar_folder: Path, tmp_path: Path) -> None:
+        """torchrun --nproc_per_node=2 on CPU: gloo, sharded batches, one report."""
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            str(EXAMPLES / "train_cifar.py"),
+            *_tiny_run(cifar_folder, tmp_path, "--budget", "0.6", "--epochs", "1", "--stage2-epochs", "1"),
+        ]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(EXAMPLES.parent), "OMP_NUM_THREADS": "1"}
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+        assert result.returncode == 0, result.stderr[-3000:]
+        report = json.loads((tmp_path / "smoke" / "results.json").read_text())
+        assert report["images"] == 24
+        assert [row["stage"] for row in _csv_rows(tmp_path / "smoke" / "log.csv")] == ["1", "2"]
+
+
+class TestTrainImagenet:
+    """train_imagenet.py with a timm ResNet on tiny generated ImageFolder data."""
+
+    def test_few_steps(self, tmp_path: Path) -> None:
+        folder = _image_folder(tmp_path / "data", ("train", "val"), classes=2, per_class=4, size=40)
+        report = train_imagenet.main(
+            [
+                "--data-root", str(folder), "--model", "resnet18", "--image-size", "32", "--train-bs", "2",
+                "--test-bs", "4", "--max-steps", "2", "--workers", "0", "--threads", "1", "--budget", "0.6",
+                "--epochs", "1", "--stage2-epochs", "1", "--log-path", str(tmp_path / "runs"), "--note", "smoke",
+            ]
+        )  # fmt: skip
+        assert report["images"] == 8 and report["distinct_paths"] >= 1
+        dense = count_macs(timm.create_model("resnet18", num_classes=2), (3, 32, 32)).total()
+        assert report["dense_macs"] == dense and 0 < report["macs_fraction"] <= 1.01
+        assert (tmp_path / "runs" / "smoke" / "last.pt").exists()
+
+
+class TestQuickstart:
+    """quickstart.py trains on scikit-learn digits and prints its four figures."""
+
+    @pytest.mark.slow
+    def test_few_steps(self, capsys) -> None:
+        report = quickstart.main(["--epochs", "1", "--stage2-epochs", "1", "--max-steps", "2"])
+        out = capsys.readouterr().out
+        for label in ("test accuracy", "average MACs", "distinct paths", "eval speedup"):
+            assert label in out
+        assert report["images"] == 360 and report["speedup"] > 0

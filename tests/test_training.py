@@ -1,0 +1,238 @@
+"""Tests of two-stage training (dynroute.training), the adaptive budget (BudgetLoss) and CoDiNetLoss."""
+
+import pytest
+import torch
+
+import dynroute
+from dynroute.models.cifar_resnet import CifarResNet
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared CPU run several times faster with one thread than oversubscribed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _routed(blocks_per_stage: int = 1, size: int = 16) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return dynroute.convert_resnet(CifarResNet(blocks_per_stage, num_classes=3), input_size=(3, size, size))
+
+
+class TestSetStage:
+    """Stage 2 = hard decisions in train mode and frozen routers; stage 1 undoes it."""
+
+    def test_stage_two_freezes_routers_and_hardens_gates(self) -> None:
+        model = dynroute.set_stage(_routed(), 2).train()
+        assert dynroute.get_stage(model) == 2
+        assert all(block.hard_decisions for _, block in dynroute.gated_blocks(model))
+        assert not any(p.requires_grad for p in dynroute.router_parameters(model))
+        assert all(p.requires_grad for p in dynroute.block_parameters(model))
+        model(torch.randn(8, 3, 16, 16))
+        paths = dynroute.routing_paths(model)
+        assert set(paths.unique().tolist()) <= {0.0, 1.0} and not paths.requires_grad
+
+    def test_stage_one_restores(self) -> None:
+        model = dynroute.set_stage(dynroute.set_stage(_routed(), 2), 1).train()
+        assert dynroute.get_stage(model) == 1
+        assert all(p.requires_grad for p in model.parameters())
+        model(torch.randn(8, 3, 16, 16))
+        assert dynroute.routing_paths(model).requires_grad
+
+    def test_stage_two_step_leaves_routers_unchanged(self) -> None:
+        model = dynroute.set_stage(_routed(), 2).train()
+        routers = [p.detach().clone() for p in dynroute.router_parameters(model)]
+        blocks = [p.detach().clone() for p in dynroute.block_parameters(model)]
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        torch.nn.functional.cross_entropy(model(torch.randn(8, 3, 16, 16)), torch.randint(0, 3, (8,))).backward()
+        optimizer.step()
+        assert all(torch.equal(a, b) for a, b in zip(routers, dynroute.router_parameters(model)))
+        assert any(not torch.equal(a, b) for a, b in zip(blocks, dynroute.block_parameters(model)))
+
+    @pytest.mark.parametrize("bad", [0, 3, "2", None])
+    def test_bad_stage(self, bad) -> None:
+        with pytest.raises(ValueError, match="stage must be 1"):
+            dynroute.set_stage(_routed(), bad)
+
+    def test_unconverted_model_is_refused(self) -> None:
+        with pytest.raises(TypeError, match="convert"):
+            dynroute.set_stage(CifarResNet(1), 2)
+
+
+class TestParameterGroups:
+    """Router and block parameters partition the model's parameters."""
+
+    def test_partition(self) -> None:
+        model = _routed()
+        routers, blocks = dynroute.router_parameters(model), dynroute.block_parameters(model)
+        expected = {id(p) for name, p in model.named_parameters() if ".router." in name}
+        assert {id(p) for p in routers} == expected
+        assert {id(p) for p in routers} | {id(p) for p in blocks} == {id(p) for p in model.parameters()}
+        assert not {id(p) for p in routers} & {id(p) for p in blocks}
+
+
+class TestCheckpoint:
+    """save_checkpoint / load_checkpoint round-trip weights, stage and extras."""
+
+    def test_round_trip(self, tmp_path) -> None:
+        model = dynroute.set_stage(_routed(), 2)
+        with torch.no_grad():
+            for param in dynroute.router_parameters(model):
+                param.normal_()
+        dynroute.save_checkpoint(tmp_path / "ckpt.pt", model, epoch=3)
+        restored = _routed()
+        extra = dynroute.load_checkpoint(tmp_path / "ckpt.pt", restored)
+        assert extra == {"epoch": 3}
+        assert dynroute.get_stage(restored) == 2
+        images = torch.randn(6, 3, 16, 16)
+        with torch.no_grad():
+            assert torch.equal(model.eval()(images), restored.eval()(images))
+        assert torch.equal(dynroute.routing_paths(model), dynroute.routing_paths(restored))
+
+    def test_dense_model(self, tmp_path) -> None:
+        model = CifarResNet(1)
+        dynroute.save_checkpoint(tmp_path / "dense.pt", model)
+        other = CifarResNet(1)
+        dynroute.load_checkpoint(tmp_path / "dense.pt", other)
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+
+    def test_foreign_file_is_refused(self, tmp_path) -> None:
+        torch.save(CifarResNet(1).state_dict(), tmp_path / "plain.pt")
+        with pytest.raises(ValueError, match="not a dynroute checkpoint"):
+            dynroute.load_checkpoint(tmp_path / "plain.pt", CifarResNet(1))
+
+
+class TestBudgetLoss:
+    """The augmented-Lagrangian cost term and its multiplier update."""
+
+    def test_loss_and_update_follow_the_formula(self) -> None:
+        table = dynroute.macs_table(_routed())
+        budget = dynroute.BudgetLoss(table, target=0.5, penalty=3.0, step_size=0.2, initial_gamma=0.7)
+        paths = torch.rand(10, table.num_blocks, requires_grad=True)
+        logits = torch.randn(10, table.num_blocks, 2)
+        costs = table.block_costs()
+        mean = torch.stack([table.fixed_cost() + (paths[i] * costs).sum() for i in range(10)]).mean()
+        expected = 0.7 * (mean - 0.5) + 1.5 * (mean - 0.5) ** 2
+        assert torch.allclose(budget(paths, logits), expected, atol=1e-6)
+        decisions = (logits[..., 1] > logits[..., 0]).float()
+        measured = torch.stack([table.fixed_cost() + (decisions[i] * costs).sum() for i in range(10)]).mean()
+        assert budget.gamma.item() == pytest.approx(0.7 + 0.2 * (measured.item() - 0.5), abs=1e-6)
+        assert budget.last_measured == pytest.approx(measured.item(), abs=1e-6)
+
+    def test_eval_mode_keeps_gamma(self) -> None:
+        table = dynroute.macs_table(_routed())
+        budget = dynroute.BudgetLoss(table, target=0.5, initial_gamma=0.3).eval()
+        budget(torch.rand(4, table.num_blocks))
+        assert budget.gamma.item() == pytest.approx(0.3)
+
+    def test_gamma_is_saved(self) -> None:
+        table = dynroute.macs_table(_routed())
+        budget = dynroute.BudgetLoss(table, target=0.5, initial_gamma=0.3)
+        restored = dynroute.BudgetLoss(table, target=0.5)
+        restored.load_state_dict(budget.state_dict())
+        assert restored.gamma.item() == pytest.approx(0.3)
+
+    @pytest.mark.parametrize("target", [0.0, 0.01, 1.5])
+    def test_unreachable_target(self, target: float) -> None:
+        with pytest.raises(ValueError, match="target must be"):
+            dynroute.BudgetLoss(dynroute.macs_table(_routed()), target=target)
+
+    def test_trim_shifts_every_run_logit(self) -> None:
+        model = dynroute.set_stage(_routed(), 2).train()
+        table = dynroute.macs_table(model)
+        budget = dynroute.BudgetLoss(table, target=0.5, trim_step=0.3)
+        biases = [block.router.fc2.bias.clone() for _, block in dynroute.gated_blocks(model)]
+        model(torch.randn(8, 3, 16, 16))
+        measured = dynroute.sample_macs(dynroute.routing_paths(model), table).mean().item() / table.dense_macs
+        shift = budget.trim(model)
+        assert shift == pytest.approx(-0.3 * (measured - 0.5), abs=1e-6)
+        for before, (_, block) in zip(biases, dynroute.gated_blocks(model)):
+            assert block.router.fc2.bias[0] == before[0]
+            assert block.router.fc2.bias[1].item() == pytest.approx(before[1].item() + shift, abs=1e-6)
+
+    @pytest.mark.slow
+    @pytest.mark.parametrize("target", [0.4, 0.65])
+    def test_training_lands_on_the_budget(self, target: float) -> None:
+        """Default settings, no tuning: stage 1 + trimmed stage 2 end within 2 points of the target at eval."""
+        model = _routed(blocks_per_stage=2)
+        table = dynroute.macs_table(model)
+        criterion = dynroute.CoDiNetLoss(table, num_views=1, alpha=0.0, beta=0.0, target=target)
+        optimizer = torch.optim.SGD(
+            [
+                {"params": dynroute.block_parameters(model), "lr": 0.05},
+                {"params": dynroute.router_parameters(model), "lr": 0.1},
+            ],
+            momentum=0.9,
+        )
+        generator = torch.Generator().manual_seed(1)
+
+        def batch(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+            labels = torch.randint(0, 2, (size,), generator=generator)
+            signal = torch.empty(size, 1, 1, 1).uniform_(0.0, 1.0, generator=generator)
+            images = torch.randn(size, 3, 16, 16, generator=generator) + (2 * labels - 1).view(-1, 1, 1, 1) * signal
+            return images, labels
+
+        model.train()
+        for step in range(240):
+            dynroute.set_stage(model, 1 if step < 160 else 2)
+            images, labels = batch(32)
+            logits = model(images)
+            loss, _ = criterion(logits, labels, dynroute.routing_paths(model), dynroute.routing_logits(model))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            criterion.trim(model)
+        with torch.no_grad():
+            model.eval()(batch(512)[0])
+        assert dynroute.macs_fraction(dynroute.routing_paths(model), table) == pytest.approx(target, abs=0.02)
+
+
+class TestCoDiNetLoss:
+    """CE plus the three path terms, with the documented fallbacks."""
+
+    @staticmethod
+    def _forward(model, views: int):
+        model.train()
+        images = torch.randn(4 * views, 3, 16, 16)
+        labels = torch.arange(4).repeat_interleave(views) % 3
+        return model(images), labels, dynroute.routing_paths(model), dynroute.routing_logits(model)
+
+    def test_total_is_the_weighted_sum(self) -> None:
+        model = _routed()
+        table = dynroute.macs_table(model)
+        criterion = dynroute.CoDiNetLoss(table, num_views=2, alpha=0.3, beta=0.4, gamma=0.5)
+        logits, labels, paths, router_logits = self._forward(model, 2)
+        loss, terms = criterion(logits, labels, paths, router_logits)
+        expected = (
+            torch.nn.functional.cross_entropy(logits, labels)
+            + 0.3 * dynroute.consistency_loss(paths, 2)
+            + 0.4 * dynroute.diversity_loss(paths, 2)
+            + 0.5 * dynroute.cost_loss(paths, table.block_costs(), table.fixed_cost())
+        )
+        assert torch.allclose(loss, expected)
+        assert set(terms) == {"ce", "consistency", "diversity", "cost"}
+
+    def test_one_view_leaves_consistency_out(self) -> None:
+        model = _routed()
+        criterion = dynroute.CoDiNetLoss(dynroute.macs_table(model), num_views=1)
+        loss, terms = criterion(*self._forward(model, 1))
+        assert "consistency" not in terms and "diversity" in terms
+        loss.backward()
+
+    def test_target_uses_the_adaptive_budget(self) -> None:
+        model = _routed()
+        criterion = dynroute.CoDiNetLoss(dynroute.macs_table(model), num_views=2, target=0.5)
+        assert isinstance(criterion.cost, dynroute.BudgetLoss)
+        _, terms = criterion(*self._forward(model, 2))
+        assert "gamma" in terms
+
+    def test_stage_two_is_cross_entropy_only(self) -> None:
+        model = dynroute.set_stage(_routed(), 2)
+        criterion = dynroute.CoDiNetLoss(dynroute.macs_table(model), num_views=2, target=0.5)
+        logits, labels, paths, router_logits = self._forward(model, 2)
+        loss, terms = criterion(logits, labels, paths, router_logits)
+        assert terms.keys() == {"ce"}
+        assert torch.allclose(loss, torch.nn.functional.cross_entropy(logits, labels))
+        assert criterion.cost.gamma.item() == 0.0
