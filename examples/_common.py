@@ -403,3 +403,14 @@ def final_report(model: nn.Module, test_loader: DataLoader, args: argparse.Names
     if env.enabled:
         dist.barrier()
     return report
+
+
+def run_training(model: nn.Module, train_set: Dataset, test_set: Dataset, args: argparse.Namespace, env: Distributed):
+    """Print the MAC table (routed runs), train and evaluate, then leave the process group."""
+    if env.is_main and not args.dense:
+        print(dynroute.macs_table(model))
+    test_loader = DataLoader(test_set, batch_size=args.test_bs, num_workers=args.workers)
+    report = train(model, train_set, test_loader, args, env)
+    if env.enabled:
+        dist.destroy_process_group()
+    return report

@@ -13,14 +13,20 @@ import os
 import sys
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 from torchvision import datasets
 
 import dynroute
 from dynroute.data import MultiViewTransform, eval_transform, train_transform
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import add_training_arguments, image_folder_split, resolve_arguments, setup_distributed, train  # noqa: E402
+from _common import (  # noqa: E402
+    add_training_arguments,
+    image_folder_split,
+    resolve_arguments,
+    run_training,
+    setup_distributed,
+)
 
 BACKBONES = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet74", "resnet110")
 DATASETS = ("cifar10", "cifar100", "svhn", "imagefolder")
@@ -95,13 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     env = setup_distributed()
     train_set, test_set, classes = build_datasets(args)
     model = build_model(args, classes)
-    if env.is_main and not args.dense:
-        print(dynroute.macs_table(model))
-    test_loader = DataLoader(test_set, batch_size=args.test_bs, num_workers=args.workers)
-    report = train(model, train_set, test_loader, args, env)
-    if env.enabled:
-        torch.distributed.destroy_process_group()
-    return report
+    return run_training(model, train_set, test_set, args, env)
 
 
 if __name__ == "__main__":

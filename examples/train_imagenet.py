@@ -14,14 +14,19 @@ import sys
 
 import timm
 import torch
-from torch.utils.data import DataLoader
 from torchvision import datasets
 from torchvision import transforms as T
 
 import dynroute
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import add_training_arguments, image_folder_split, resolve_arguments, setup_distributed, train  # noqa: E402
+from _common import (  # noqa: E402
+    add_training_arguments,
+    image_folder_split,
+    resolve_arguments,
+    run_training,
+    setup_distributed,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,13 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = build_model(args, len(train_set.classes))
     train_tf, test_set.transform = build_transforms(model, args.image_size)
     train_set.transform = dynroute.MultiViewTransform(train_tf, args.views)
-    if env.is_main and not args.dense:
-        print(dynroute.macs_table(model))
-    test_loader = DataLoader(test_set, batch_size=args.test_bs, num_workers=args.workers)
-    report = train(model, train_set, test_loader, args, env)
-    if env.enabled:
-        torch.distributed.destroy_process_group()
-    return report
+    return run_training(model, train_set, test_set, args, env)
 
 
 if __name__ == "__main__":

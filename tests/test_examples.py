@@ -29,13 +29,7 @@ ORIGINAL_COMMAND = (
 ).split()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The runs below set one torch thread (--threads 1, fast on a shared CPU); restore it afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _image_folder(root: Path, splits: tuple[str, ...], classes: int, per_class: int, size: int) -> Path:

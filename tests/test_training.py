@@ -6,14 +6,7 @@ import torch
 import dynroute
 from dynroute.models.cifar_resnet import CifarResNet
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared CPU run several times faster with one thread than oversubscribed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _routed(blocks_per_stage: int = 1, size: int = 16) -> torch.nn.Module:
