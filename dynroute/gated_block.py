@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from dynroute.adapters import BlockAdapter, get_adapter
-from dynroute.router import Router
+from dynroute.router import Router, hard_decision
 
 __all__ = ["GatedBlock", "ForcedGate", "Execution"]
 
@@ -40,6 +40,27 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     """``torch.channels_last`` for an NHWC-strided 4D tensor, else ``torch.contiguous_format``."""
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _shares_memory(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors are (views of) one storage."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _add(residual: Tensor, shortcut: Tensor, x: Tensor, inplace: bool) -> Tensor:
+    """``shortcut + residual``, written into ``residual`` when ``inplace`` allows and it is a buffer of its own.
+
+    A branch output that is a view of the input ``x`` or of the shortcut (an identity adapter, say),
+    or a sum that would promote to another dtype, is added out of place.
+    """
+    if (
+        inplace
+        and residual.dtype == shortcut.dtype
+        and not _shares_memory(residual, x)
+        and not _shares_memory(residual, shortcut)
+    ):
+        return residual.add_(shortcut)
+    return shortcut + residual
 
 
 class GatedBlock(nn.Module):
@@ -86,14 +107,14 @@ class GatedBlock(nn.Module):
         self.forced_gate: ForcedGate | None = None
         self.hard_decisions = False
         self.execution: Execution = "sparse"
-        self.last_gate: Tensor | None = None
+        self._last_gate: Tensor | None = None
         self.last_logits: Tensor | None = None
         self.last_input_shape: torch.Size | None = None
 
     def __getstate__(self) -> dict:
         # Copies and pickles leave out the last forward's gates: in training they hold an autograd
         # graph, which copy.deepcopy (EMA models, build_macs_table, export) cannot copy.
-        return {**super().__getstate__(), "last_gate": None, "last_logits": None}
+        return {**super().__getstate__(), "_last_gate": None, "last_logits": None}
 
     @property
     def adapter(self) -> BlockAdapter:
@@ -123,16 +144,19 @@ class GatedBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(N, C_in, H, W) -> (N, C_out, H', W'), the block's output under this forward's gates."""
         check_image_batch(x, "GatedBlock")
-        adapter = self.adapter
-        logits = self.router(x)
+        adapter, router = self.adapter, self.router
+        logits = router(x)
         shortcut = adapter.shortcut(self.block, x)
         if self.forced_gate is not None:
             gate = logits.new_full((x.shape[0],), float(self.forced_gate == "open"), dtype=torch.float32)
             out = shortcut + adapter.residual(self.block, x) if self.forced_gate == "open" else shortcut
+        elif self.training and not self.hard_decisions:
+            gate = router.gate(logits, hard=False)
+            residual = adapter.residual(self.block, x)
+            out = shortcut + gate.to(residual.dtype).view(-1, 1, 1, 1) * residual
         else:
-            hard = self.hard_decisions or not self.training
-            gate = self.router.gate(logits, hard=hard)
-            if hard and self.execution == "sparse":
+            gate = hard_decision(logits)  # int64 0/1; last_gate converts it when read
+            if self.execution == "sparse":
                 out = self._add_routed_residual(adapter, x, shortcut, gate)
             else:
                 residual = adapter.residual(self.block, x)
@@ -141,27 +165,38 @@ class GatedBlock(nn.Module):
             out = x.clone()
         # Plain attributes, never parameters or modules: skip nn.Module.__setattr__'s registry checks,
         # which cost about as much as a small kernel launch on this per-block hot path.
-        self.__dict__.update(last_gate=gate, last_logits=logits, last_input_shape=x.shape)
+        self.__dict__.update(_last_gate=gate, last_logits=logits, last_input_shape=x.shape)
         return adapter.activation(self.block, out)
 
-    def _add_routed_residual(self, adapter: BlockAdapter, x: Tensor, shortcut: Tensor, gate: Tensor) -> Tensor:
-        """``shortcut + F(x)`` for rows with gate 1, ``shortcut`` elsewhere; F runs on routed rows only.
+    @property
+    def last_gate(self) -> Tensor | None:
+        """Gate values (N,) of the last forward in float32: relaxed in training, 0/1 otherwise."""
+        gate = self._last_gate
+        return gate if gate is None or gate.is_floating_point() else gate.float()
+
+    def _add_routed_residual(self, adapter: BlockAdapter, x: Tensor, shortcut: Tensor, decision: Tensor) -> Tensor:
+        """``shortcut + F(x)`` for rows with decision 1, ``shortcut`` elsewhere; F runs on routed rows only.
 
         index_select / index_add are the cheapest gather and scatter measured on CPU (boolean-mask
-        indexing, index_put_ and index_copy_ of the sum all cost more); index_add allocates the output
-        once and adds the routed rows into it.
+        indexing, index_put_ and index_copy_ of the sum all cost more). Without autograd the sums are
+        written in place into buffers this forward created (the branch output, a downsampling
+        shortcut), never into the block input; with autograd they are out of place.
         """
+        inplace = not torch.is_grad_enabled()
         if x.shape[0] == 1:
-            return shortcut + adapter.residual(self.block, x) if bool(gate) else self._skipped(shortcut)
-        routed = gate.nonzero().squeeze(1)
+            if not bool(decision):
+                return self._skipped(shortcut)
+            return _add(adapter.residual(self.block, x), shortcut, x, inplace)
+        routed = decision.nonzero().squeeze(1)
         if routed.numel() == x.shape[0]:
-            return shortcut + adapter.residual(self.block, x)
+            return _add(adapter.residual(self.block, x), shortcut, x, inplace)
         if routed.numel() == 0:
             return self._skipped(shortcut)
         # index_select and the out-of-place index_add return NCHW: keep a channels_last input channels_last.
         rows = x.index_select(0, routed).contiguous(memory_format=_memory_format(x))
-        residual = adapter.residual(self.block, rows)
-        return shortcut.clone().index_add_(0, routed, residual.to(shortcut.dtype))
+        residual = adapter.residual(self.block, rows).to(shortcut.dtype)
+        out = shortcut if inplace and not _shares_memory(shortcut, x) else shortcut.clone()
+        return out.index_add_(0, routed, residual)
 
     def _skipped(self, shortcut: Tensor) -> Tensor:
         """``shortcut`` for a branch no sample runs; in training, joined to the branch's parameters by a zero.

@@ -12,8 +12,20 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.torch_version import TorchVersion
 
 __all__ = ["Router", "relaxed_gate", "hard_gate"]
+
+if TorchVersion(torch.__version__) >= (2, 4):
+
+    def _autocast_enabled(device_type: str) -> bool:
+        return torch.is_autocast_enabled(device_type)
+
+else:  # no per-device query before torch 2.4: always enter the disabling context
+
+    def _autocast_enabled(device_type: str) -> bool:
+        return True
+
 
 Relaxation = Literal["gumbel", "straight_through"]
 _RELAXATIONS = ("gumbel", "straight_through")
@@ -41,10 +53,17 @@ def relaxed_gate(
     return sample[:, 1]
 
 
+def hard_decision(logits: Tensor) -> Tensor:
+    """Deterministic decision u_k = argmax(U_k) of Eq. 13 as int64 0/1, shape (N, 2) -> (N,).
+
+    One op: it runs once per block and forward. A tie skips (argmax takes the first column).
+    """
+    return logits.argmax(1)
+
+
 def hard_gate(logits: Tensor) -> Tensor:
     """Deterministic decision u_k = argmax(U_k) of Eq. 13, shape (N, 2) -> (N,) float32 of 0/1."""
-    skip, run = logits.unbind(1)  # one op for both columns: this runs once per block and forward
-    return (run > skip).float()
+    return hard_decision(logits).float()
 
 
 class Router(nn.Module):
@@ -109,9 +128,18 @@ class Router(nn.Module):
         Under autocast the router still runs in its own (float32) precision: a decision is the sign of
         a logit difference, which bfloat16 would round, and the router costs next to nothing.
         """
-        with torch.autocast(x.device.type, enabled=False):
-            pooled = F.adaptive_avg_pool2d(x.to(self.fc1.weight.dtype), 1).flatten(1)
-            return self.fc2(self.act(self.fc1(pooled)))
+        dtype = self.fc1.weight.dtype
+        if _autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return self._mlp(x.to(dtype))
+        return self._mlp(x.to(dtype))
+
+    def _mlp(self, x: Tensor) -> Tensor:
+        # F.linear on the layers' own parameters: at batch 1 a module call costs more than these tiny
+        # products, and the router runs once per block and forward.
+        pooled = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        hidden = self.act(F.linear(pooled, self.fc1.weight, self.fc1.bias))
+        return F.linear(hidden, self.fc2.weight, self.fc2.bias)
 
     def gate(self, logits: Tensor, hard: bool) -> Tensor:
         """Gate values (N,): relaxed per Eq. 7 unless ``hard``, else the argmax decision."""

@@ -107,6 +107,25 @@ class TestGatedBlockAgainstOriginal:
             torch.testing.assert_close(gated(x), _shortcut_reference(original, x), atol=1e-6, rtol=0)
         assert gated.last_gate.eq(0).all()
 
+    @pytest.mark.parametrize("routed", ["mixed", "all", "none", "one-runs", "one-skips"])
+    def test_eval_leaves_its_input_alone(self, name, routed):
+        # Without autograd sums are written in place into buffers of the forward's own, never into x.
+        original, gated, x = self._pair(name)
+        bias = {"all": (0.0, 10.0), "none": (10.0, 0.0), "one-runs": (0.0, 10.0), "one-skips": (10.0, 0.0)}
+        if routed in bias:
+            nn.init.zeros_(gated.router.fc2.weight)
+            gated.router.fc2.bias.data = torch.tensor(bias[routed])
+        x = x[:1] if routed.startswith("one") else x
+        before = x.clone()
+        with torch.inference_mode():
+            out = gated(x)
+            gates = gated.last_gate
+            reference = torch.cat(
+                [original(row) if gate else _shortcut_reference(original, row) for row, gate in zip(x.split(1), gates)]
+            )
+        torch.testing.assert_close(x, before, atol=0, rtol=0)
+        torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
+
     def test_sparse_equals_masked(self, name):
         _, gated, x = self._pair(name)
         with torch.no_grad():
@@ -152,6 +171,37 @@ class TestSparseExecution:
         torch.testing.assert_close(y.detach(), before)
         out.sum().backward()
         torch.testing.assert_close(x.grad, (before > 0).float())
+
+    @pytest.mark.parametrize("aliasing", ["residual-is-input", "shortcut-is-a-view"])
+    def test_adapters_returning_views_of_the_input_are_added_out_of_place(self, aliasing):
+        class Aliasing(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.scale = nn.Parameter(torch.ones(()))
+
+        view = aliasing == "shortcut-is-a-view"
+        dynroute.register_block(
+            Aliasing,
+            dynroute.BlockAdapter(
+                residual=(lambda b, x: x * b.scale) if view else (lambda b, x: x),
+                shortcut=(lambda b, x: x[:, :]) if view else (lambda b, x: x * 2),
+                activation=lambda b, x: x,
+                in_channels=lambda b: 4,
+            ),
+        )
+        gated = GatedBlock(Aliasing()).eval()
+        x = torch.rand(6, 4, 5, 5)
+        nn.init.normal_(gated.router.fc2.weight, std=3.0)
+        with torch.no_grad():
+            logits = gated.router(x)
+            gated.router.fc2.bias[1] -= (logits[:, 1] - logits[:, 0]).median() + 1e-3
+        for batch in (x, x[:1]):
+            before = batch.clone()
+            with torch.no_grad():
+                out = gated(batch)
+            torch.testing.assert_close(batch, before, atol=0, rtol=0)
+            gate = gated.last_gate.view(-1, 1, 1, 1)
+            torch.testing.assert_close(out, (2 - view) * before + gate * before)
 
 
 class TestTrainMode:
