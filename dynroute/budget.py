@@ -8,19 +8,13 @@ Here gamma is a Lagrange multiplier adapted during training by the method of mul
     gamma <- gamma + step_size * (measured - target)        after every training batch
 
 ``c`` is the batch mean of the relaxed path costs (differentiable, it trains the routers);
-``measured`` is the batch mean of the expected test-time cost, each gate counted with its
-router's probability of running (softmax of the logits), averaged over processes under DDP so
-every rank keeps the same gamma. The quadratic term pulls the cost towards the target at once;
-the multiplier integrates the remaining gap, so the cost settles on the target rather than
-wherever the classification loss balances the penalty. gamma may go negative: the target is an
-equality, a network that runs too cheap is pushed back up.
-
-Why probabilities and not the argmax decisions: the cost of the decisions is a step function of
-the logits. A retrofitted network starts with every gate open (probability 0.9), so that cost
-stays at 1.0 while the logits move towards zero, gamma winds up meanwhile, and when the logits
-cross, the cost collapses far below the target (on CIFAR ResNet-56: 0.77-0.83 in the first
-epoch, then 0.49-0.53 for a target of 0.68-0.69) before gamma unwinds. The expected cost moves with the
-logits and does not wind up; it equals the decisions' cost once the routers are decisive.
+``measured`` is the batch mean cost of the hard decisions the network would take at test time
+(argmax of the router logits), averaged over processes under DDP so every rank keeps the same
+gamma. The quadratic term pulls the cost towards the target at once; the multiplier integrates
+the remaining gap, including the gap between relaxed training gates and hard test decisions, so
+the test-time cost settles on the target rather than wherever the classification loss balances
+the penalty. gamma may go negative: the target is an equality, a network that runs too cheap is
+pushed back up.
 
 Relaxed gates are not hard ones: later routers see features mixed by soft gates in training and
 by 0/1 decisions at test time, so the cost measured in stage 1 is only close to the test-time
@@ -36,6 +30,7 @@ from torch import Tensor, nn
 from dynroute.accounting import hard_paths
 from dynroute.flops import MacsTable
 from dynroute.losses import path_costs
+from dynroute.router import hard_gate
 from dynroute.routing import gated_blocks, routing_paths
 
 __all__ = ["BudgetLoss"]
@@ -55,8 +50,7 @@ class BudgetLoss(nn.Module):
     Attributes:
         gamma: the current multiplier, a buffer (saved in the ``state_dict``, so training resumes
             with it).
-        last_measured: expected test-time cost fraction of the last training batch (in :meth:`trim`,
-            the cost of its decisions).
+        last_measured: test-time cost fraction of the last training batch.
 
     Example:
         >>> budget = BudgetLoss(dynroute.macs_table(model), target=0.6)
@@ -92,16 +86,14 @@ class BudgetLoss(nn.Module):
 
         Args:
             paths: relaxed gates of the batch, ``dynroute.routing_paths(model)``.
-            logits: router logits (N, n_blocks, 2), ``dynroute.routing_logits(model)``; gamma steers
-                the expected cost of the test-time decisions they give. Without them the relaxed
-                gates are thresholded at 0.5.
+            logits: router logits (N, n_blocks, 2), ``dynroute.routing_logits(model)``; their argmax
+                is the test-time decision whose cost gamma steers. Without them the relaxed gates are
+                thresholded at 0.5.
         """
         gap = path_costs(paths, self.block_costs, self.fixed_cost).mean() - self.target
         loss = self.gamma.item() * gap + 0.5 * self.penalty * gap.pow(2)
         if self.training and torch.is_grad_enabled():
-            with torch.no_grad():
-                run = hard_paths(paths).float() if logits is None else logits.float().softmax(-1)[..., 1]
-            self.gamma += self.step_size * (self._measure(run) - self.target)
+            self._update_gamma(paths if logits is None else hard_gate(logits.flatten(0, 1)).view(paths.shape))
         return loss
 
     @torch.no_grad()
@@ -111,20 +103,24 @@ class BudgetLoss(nn.Module):
         Call it after each stage-2 training forward (routers frozen, hard decisions). Returns the
         shift applied, ``-trim_step * (measured - target)`` logits.
         """
-        shift = -self.trim_step * (self._measure(hard_paths(routing_paths(model)).float()) - self.target)
+        shift = -self.trim_step * (self._measure(routing_paths(model)) - self.target)
         for _, block in gated_blocks(model):
             block.router.fc2.bias[1] += shift
         return shift
 
     @torch.no_grad()
-    def _measure(self, run: Tensor) -> float:
-        """Mean cost of gates ``run`` (N, n_blocks), 0/1 or probabilities, averaged over processes under DDP."""
-        measured = path_costs(run, self.block_costs, self.fixed_cost).mean()
+    def _measure(self, decisions: Tensor) -> float:
+        """Mean cost of 0/1 ``decisions`` (N, n_blocks), averaged over processes under DDP."""
+        measured = path_costs(hard_paths(decisions).float(), self.block_costs, self.fixed_cost).mean()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(measured)
             measured /= dist.get_world_size()
         self.last_measured = measured.item()
         return self.last_measured
+
+    @torch.no_grad()
+    def _update_gamma(self, decisions: Tensor) -> None:
+        self.gamma += self.step_size * (self._measure(decisions) - self.target)
 
     def extra_repr(self) -> str:
         return (
