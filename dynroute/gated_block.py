@@ -152,15 +152,13 @@ class GatedBlock(nn.Module):
             out = shortcut + adapter.residual(self.block, x) if self.forced_gate == "open" else shortcut
         elif self.training and not self.hard_decisions:
             gate = router.gate(logits, hard=False)
-            residual = adapter.residual(self.block, x)
-            out = shortcut + gate.to(residual.dtype).view(-1, 1, 1, 1) * residual
+            out = self._add_gated_residual(adapter, x, shortcut, gate)
         else:
             gate = hard_decision(logits)  # int64 0/1; last_gate converts it when read
             if self.execution == "sparse":
                 out = self._add_routed_residual(adapter, x, shortcut, gate)
             else:
-                residual = adapter.residual(self.block, x)
-                out = shortcut + gate.to(residual.dtype).view(-1, 1, 1, 1) * residual
+                out = self._add_gated_residual(adapter, x, shortcut, gate)
         if out is x:  # skipped identity block: an in-place activation must not touch the input
             out = x.clone()
         # Plain attributes, never parameters or modules: skip nn.Module.__setattr__'s registry checks,
@@ -173,6 +171,11 @@ class GatedBlock(nn.Module):
         """Gate values (N,) of the last forward in float32: relaxed in training, 0/1 otherwise."""
         gate = self._last_gate
         return gate if gate is None or gate.is_floating_point() else gate.float()
+
+    def _add_gated_residual(self, adapter: BlockAdapter, x: Tensor, shortcut: Tensor, gate: Tensor) -> Tensor:
+        """``shortcut + gate * F(x)`` with F run on every row: Eq. 7 (relaxed gate) or masked Eq. 13 (0/1)."""
+        residual = adapter.residual(self.block, x)
+        return shortcut + gate.to(residual.dtype).view(-1, 1, 1, 1) * residual
 
     def _add_routed_residual(self, adapter: BlockAdapter, x: Tensor, shortcut: Tensor, decision: Tensor) -> Tensor:
         """``shortcut + F(x)`` for rows with decision 1, ``shortcut`` elsewhere; F runs on routed rows only.
