@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -24,7 +25,7 @@ import dynroute
 from dynroute.flops import count_macs
 
 # Per-epoch means written to the CSV log; a term a stage does not compute is NaN.
-LOGGED_TERMS = ("ce", "consistency", "diversity", "gamma", "cost", "train_macs")
+LOGGED_TERMS = ("ce", "consistency", "diversity", "gamma", "cost", "train_macs", "distill")
 
 
 @dataclass
@@ -89,6 +90,15 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add("--consistency-margin", "--lda_intra_margin", dest="consistency_margin", type=float, default=0.2)
     add("--diversity-margin", "--lda_inter_margin", dest="diversity_margin", type=float, default=0.5)
     add("--temperature", type=float, default=1.0, help="Gumbel-softmax temperature of the routers")
+    add(
+        "--relaxation",
+        default="gumbel",
+        choices=("gumbel", "straight_through"),
+        help="stage-1 gates: Gumbel-softmax samples, or hard samples with the soft gradient",
+    )
+    add("--teacher", default=None, help="dense checkpoint to distill from (adds --distill-weight x KD loss)")
+    add("--distill-weight", type=float, default=1.0, help="weight of the distillation term (with --teacher)")
+    add("--distill-temperature", type=float, default=4.0, help="softmax temperature of the distillation term")
     add("--beta", type=float, default=None, help="original flag, accepted and unused (as in the original)")
     add("--budget-penalty", type=float, default=4.0, help="quadratic weight of the budget loss")
     add("--budget-step", type=float, default=0.05, help="gamma's step per batch")
@@ -163,6 +173,13 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.S
     if routers:
         groups.append({"params": routers, "lr": args.router_lr, "weight_decay": 0.0})
     return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
+
+
+def distillation_loss(logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """Hinton et al.'s KD term: T^2 x KL(teacher || student) of the softened class distributions, (N, K) -> ()."""
+    log_student = F.log_softmax(logits.float() / temperature, dim=1)
+    log_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    return F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True) * temperature**2
 
 
 def cosine_factor(step: int, total: int) -> float:
@@ -311,9 +328,15 @@ def train(
     test_loader: DataLoader,
     args: argparse.Namespace,
     env: Distributed,
+    teacher: nn.Module | None = None,
 ) -> dict:
-    """Train ``model`` (converted, or dense with ``args.dense``) through both stages; return the final report."""
+    """Train ``model`` (converted, or dense with ``args.dense``) through both stages; return the final report.
+
+    With a ``teacher`` (a frozen dense network) the loss gains ``args.distill_weight`` x the KD term.
+    """
     model.to(env.device)
+    if teacher is not None:
+        teacher.to(env.device).eval().requires_grad_(False)
     criterion = build_criterion(args, model).to(env.device)
     run = Run(args, env)
     state, optimizer_state = run.resume(model, criterion)
@@ -353,6 +376,12 @@ def train(
                 paths, router_logits = dynroute.routing_paths(model), dynroute.routing_logits(model)
                 loss, terms = criterion(logits, labels, paths, router_logits)
                 terms["train_macs"] = dynroute.macs_fraction(paths, dynroute.macs_table(model))
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = teacher(images)
+                distill = distillation_loss(logits, teacher_logits, args.distill_temperature)
+                loss = loss + args.distill_weight * distill
+                terms["distill"] = distill.item()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -405,12 +434,19 @@ def final_report(model: nn.Module, test_loader: DataLoader, args: argparse.Names
     return report
 
 
-def run_training(model: nn.Module, train_set: Dataset, test_set: Dataset, args: argparse.Namespace, env: Distributed):
-    """Print the MAC table (routed runs), train and evaluate, then leave the process group."""
+def run_training(
+    model: nn.Module,
+    train_set: Dataset,
+    test_set: Dataset,
+    args: argparse.Namespace,
+    env: Distributed,
+    teacher: nn.Module | None = None,
+) -> dict:
+    """Print the MAC table (routed runs), train (distilling from ``teacher`` if given), evaluate, leave the group."""
     if env.is_main and not args.dense:
         print(dynroute.macs_table(model))
     test_loader = DataLoader(test_set, batch_size=args.test_bs, num_workers=args.workers)
-    report = train(model, train_set, test_loader, args, env)
+    report = train(model, train_set, test_loader, args, env, teacher)
     if env.enabled:
         dist.destroy_process_group()
     return report

@@ -83,16 +83,24 @@ def build_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset, int]:
     return train_set, test_set, classes
 
 
-def build_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
-    """The CIFAR ResNet, loaded from ``--pretrained`` if given, converted unless ``--dense``."""
+def build_dense(args: argparse.Namespace, num_classes: int, checkpoint: str | None) -> torch.nn.Module:
+    """The dense CIFAR ResNet of ``--backbone``, loaded from ``checkpoint`` if given."""
     if args.backbone not in BACKBONES:
         raise ValueError(f"--backbone must be one of {BACKBONES}, but got {args.backbone!r}")
     model = getattr(dynroute.models, args.backbone)(num_classes=num_classes, shortcut=args.shortcut)
-    if args.pretrained:
-        dynroute.models.load_cifar_checkpoint(model, args.pretrained)
+    if checkpoint:
+        dynroute.models.load_cifar_checkpoint(model, checkpoint)
+    return model
+
+
+def build_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
+    """The CIFAR ResNet, loaded from ``--pretrained`` if given, converted unless ``--dense``."""
+    model = build_dense(args, num_classes, args.pretrained)
     if args.dense:
         return model
-    return dynroute.convert_resnet(model, input_size=(3, 32, 32), temperature=args.temperature)
+    return dynroute.convert_resnet(
+        model, input_size=(3, 32, 32), temperature=args.temperature, relaxation=args.relaxation
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -101,7 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
     env = setup_distributed()
     train_set, test_set, classes = build_datasets(args)
     model = build_model(args, classes)
-    return run_training(model, train_set, test_set, args, env)
+    teacher = build_dense(args, classes, args.teacher) if args.teacher else None
+    return run_training(model, train_set, test_set, args, env, teacher)
 
 
 if __name__ == "__main__":

@@ -41,19 +41,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
-    """The timm model with the requested weights, converted unless ``--dense``."""
-    hub = args.pretrained == "hub"
+def build_dense(args: argparse.Namespace, num_classes: int, weights: str | None) -> torch.nn.Module:
+    """The dense timm ``--model`` with ``weights``: ``hub``, a local checkpoint file, or None (from scratch)."""
+    hub = weights == "hub"
     model = timm.create_model(args.model, pretrained=hub, num_classes=num_classes)
-    if args.pretrained and not hub:
-        state = timm.models.load_state_dict(args.pretrained)
+    if weights and not hub:
+        state = timm.models.load_state_dict(weights)
         if state.get("fc.weight") is not None and state["fc.weight"].shape[0] != num_classes:
             state = {key: value for key, value in state.items() if not key.startswith("fc.")}
         model.load_state_dict(state, strict=False)
+    return model
+
+
+def build_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
+    """The timm model with the requested weights, converted unless ``--dense``."""
+    model = build_dense(args, num_classes, args.pretrained)
     if args.dense:
         return model
     size = (3, args.image_size, args.image_size)
-    return dynroute.convert_resnet(model, input_size=size, temperature=args.temperature)
+    return dynroute.convert_resnet(model, input_size=size, temperature=args.temperature, relaxation=args.relaxation)
 
 
 def build_transforms(model: torch.nn.Module, image_size: int) -> tuple[T.Compose, T.Compose]:
@@ -75,9 +81,10 @@ def main(argv: list[str] | None = None) -> dict:
     train_set = datasets.ImageFolder(image_folder_split(root, ("train",)))
     test_set = datasets.ImageFolder(image_folder_split(root, ("val", "test")))
     model = build_model(args, len(train_set.classes))
+    teacher = build_dense(args, len(train_set.classes), args.teacher) if args.teacher else None
     train_tf, test_set.transform = build_transforms(model, args.image_size)
     train_set.transform = dynroute.MultiViewTransform(train_tf, args.views)
-    return run_training(model, train_set, test_set, args, env)
+    return run_training(model, train_set, test_set, args, env, teacher)
 
 
 if __name__ == "__main__":

@@ -97,6 +97,23 @@ class TestOriginalCommandLine:
             _common.budget_from_num_target(0, table)
 
 
+class TestDistillationLoss:
+    """The KD term of the examples against its formula written out per sample and class."""
+
+    def test_matches_the_formula(self) -> None:
+        generator = torch.Generator().manual_seed(0)
+        student, teacher = torch.randn(5, 7, generator=generator), torch.randn(5, 7, generator=generator)
+        temperature = 3.0
+        expected = 0.0
+        for row in range(5):
+            p_teacher = torch.softmax(teacher[row] / temperature, 0)
+            p_student = torch.softmax(student[row] / temperature, 0)
+            expected += sum(p_teacher[k] * (p_teacher[k].log() - p_student[k].log()) for k in range(7)).item()
+        expected *= temperature**2 / 5
+        assert _common.distillation_loss(student, teacher, temperature).item() == pytest.approx(expected, rel=1e-5)
+        assert _common.distillation_loss(teacher, teacher, temperature).item() == pytest.approx(0.0, abs=1e-6)
+
+
 class TestTrainCifar:
     """train_cifar.py runs both stages, logs, resumes and reports on tiny ImageFolder data."""
 
@@ -118,6 +135,17 @@ class TestTrainCifar:
         report = train_cifar.main(_tiny_run(cifar_folder, tmp_path, "--dense", "--epochs", "1", "--views", "1"))
         assert report["macs_fraction"] == 1.0 and report["distinct_paths"] == 1
         assert report["dense_macs"] == pytest.approx(41e6, rel=0.02)
+
+    def test_distillation_and_straight_through(self, cifar_folder: Path, tmp_path: Path) -> None:
+        teacher_path = tmp_path / "teacher.th"
+        torch.save({"state_dict": dynroute.models.resnet20(num_classes=3).state_dict()}, teacher_path)
+        extra = ("--budget", "0.6", "--epochs", "1", "--stage2-epochs", "1", "--relaxation", "straight_through")
+        args = _tiny_run(cifar_folder, tmp_path, *extra, "--teacher", str(teacher_path))
+        train_cifar.main(args)
+        rows = _csv_rows(tmp_path / "smoke" / "log.csv")
+        assert all(float(row["distill"]) > 0 for row in rows)  # a random teacher disagrees with the student
+        model = train_cifar.build_model(_common.resolve_arguments(train_cifar.build_parser().parse_args(args)), 3)
+        assert {block.router.relaxation for _, block in dynroute.gated_blocks(model)} == {"straight_through"}
 
     def test_unknown_dataset(self, cifar_folder: Path, tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="--dataset"):
