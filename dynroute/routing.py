@@ -17,7 +17,8 @@ def gated_blocks(model: nn.Module) -> Iterator[tuple[str, GatedBlock]]:
             yield name, module
 
 
-def _require_gated_blocks(model: nn.Module) -> list[tuple[str, GatedBlock]]:
+def require_gated_blocks(model: nn.Module) -> list[tuple[str, GatedBlock]]:
+    """``list(gated_blocks(model))``; a TypeError naming the fix if the model has none (package helper)."""
     blocks = list(gated_blocks(model))
     if not blocks:
         raise TypeError(
@@ -32,7 +33,7 @@ def force_gates(model: nn.Module, state: ForcedGate | None) -> nn.Module:
     Returns:
         The same model, for chaining.
     """
-    for _, block in _require_gated_blocks(model):
+    for _, block in require_gated_blocks(model):
         block.force_gate(state)
     return model
 
@@ -43,13 +44,13 @@ def set_execution(model: nn.Module, execution: Execution) -> nn.Module:
     Returns:
         The same model, for chaining.
     """
-    for _, block in _require_gated_blocks(model):
+    for _, block in require_gated_blocks(model):
         block.set_execution(execution)
     return model
 
 
 def _stack_last(model: nn.Module, attribute: str) -> Tensor:
-    blocks = _require_gated_blocks(model)
+    blocks = require_gated_blocks(model)
     values = [getattr(block, attribute) for _, block in blocks]
     missing = [name for (name, _), value in zip(blocks, values) if value is None]
     if missing:

@@ -11,7 +11,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from dynroute.routing import _require_gated_blocks, gated_blocks
+from dynroute.routing import gated_blocks, require_gated_blocks
 
 __all__ = [
     "Stage",
@@ -39,7 +39,7 @@ def set_stage(model: nn.Module, stage: Stage) -> nn.Module:
     """
     if stage not in (1, 2):
         raise ValueError(f"stage must be 1 (joint, relaxed) or 2 (routers frozen, hard decisions), but got {stage!r}")
-    for _, block in _require_gated_blocks(model):
+    for _, block in require_gated_blocks(model):
         block.hard_decisions = stage == 2
         block.router.requires_grad_(stage == 1)
     return model
@@ -47,7 +47,7 @@ def set_stage(model: nn.Module, stage: Stage) -> nn.Module:
 
 def get_stage(model: nn.Module) -> Stage:
     """The stage :func:`set_stage` last set (1 for a freshly converted model)."""
-    flags = {block.hard_decisions for _, block in _require_gated_blocks(model)}
+    flags = {block.hard_decisions for _, block in require_gated_blocks(model)}
     if len(flags) != 1:
         raise ValueError("the gated blocks disagree on hard_decisions; call dynroute.set_stage(model, 1 or 2)")
     return 2 if flags.pop() else 1
