@@ -22,34 +22,28 @@ from torchvision.transforms import v2
 
 import dynroute
 from dynroute import plots
+from dynroute.data import eval_transform, train_transform
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-TO_TENSOR = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
-AUGMENT = v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()])
-
-
-def two_views(image) -> torch.Tensor:
-    """Two augmented views of one image, (2, C, H, W): batches become sample-major L x 2 views."""
-    tensor = v2.Compose(TO_TENSOR)(image)
-    return torch.stack([AUGMENT(tensor), AUGMENT(tensor)])
+AUGMENT = v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()])  # on test tensors, for agreement
 
 
 def train(model, loader, steps: int, target: float, codinet: bool) -> None:
     table = dynroute.macs_table(model)
     consistency, diversity = dynroute.ConsistencyLoss(num_views=2), dynroute.DiversityLoss(num_views=2)
     cost = dynroute.CostLoss(table, target=target)
-    routers = [p for name, p in model.named_parameters() if ".router." in name]
-    network = [p for name, p in model.named_parameters() if ".router." not in name]
-    groups = [{"params": routers, "lr": 0.05}, {"params": network, "lr": 0.005}]
+    groups = [
+        {"params": dynroute.router_parameters(model), "lr": 0.05},
+        {"params": dynroute.block_parameters(model), "lr": 0.005},
+    ]
     optimizer = torch.optim.SGD(groups, momentum=0.9, weight_decay=1e-4)
     model.train()
     batches = iter(loader)
     for _ in range(steps):
-        views, labels = next(batches)
-        logits = model(views.flatten(0, 1))
+        images, labels = next(batches)  # sample-major: 32 samples x 2 views
+        logits = model(images)
         paths = dynroute.routing_paths(model)
-        loss = F.cross_entropy(logits, labels.repeat_interleave(2)) + 5.0 * cost(paths)
+        loss = F.cross_entropy(logits, labels) + 5.0 * cost(paths)
         if codinet:
             loss = loss + 0.5 * consistency(paths) + 1.0 * diversity(paths)
         optimizer.zero_grad()
@@ -104,8 +98,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
 
-    train_set = datasets.ImageFolder(args.data / "train", transform=two_views)
-    test_set = datasets.ImageFolder(args.data / "test", transform=v2.Compose(TO_TENSOR))
+    train_set = datasets.ImageFolder(args.data / "train", dynroute.MultiViewTransform(train_transform("cifar10"), 2))
+    test_set = datasets.ImageFolder(args.data / "test", eval_transform())
     test_subset = Subset(test_set, range(0, len(test_set), 10))  # 100 images a class
     test_loader = DataLoader(test_subset, batch_size=100)
     dense = getattr(dynroute.models, f"resnet{args.depth}")()
@@ -127,7 +121,7 @@ def main() -> None:
             dynroute.models.load_cifar_checkpoint(model, args.checkpoint)
         else:
             sampler = RandomSampler(train_set, num_samples=args.steps * 32)
-            loader = DataLoader(train_set, batch_size=32, sampler=sampler)
+            loader = DataLoader(train_set, batch_size=32, sampler=sampler, collate_fn=dynroute.multiview_collate)
             train(model, loader, args.steps, target, codinet=method == "CoDiNet losses")
         run, record = analyse(model, test_loader, encoder)
         run = {"method": method, "target": target, **run, "seconds": round(time.perf_counter() - start, 1)}
