@@ -2,7 +2,7 @@
 
 Fine-tunes a pretrained CIFAR ResNet-20 with routers for 200 steps, once with the CoDiNet losses and
 once with the cost loss alone (a "vanilla" router), at each MAC budget, then runs every analysis of
-dynroute.metrics and dynroute.plots on 1,000 CIFAR-10 test images; about ten minutes a run on two
+dynroute.metrics and dynroute.plots on 1,000 CIFAR-10 test images; two to ten minutes a run on two
 busy CPU cores. With --checkpoint it analyses a routed model you trained instead.
 
 python docs/scripts/make_figures.py --data ~/data/cifar10 --weights ../shared/weights/cifar_resnet20.th
