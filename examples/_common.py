@@ -97,8 +97,18 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         help="stage-1 gates: Gumbel-softmax samples, or hard samples with the soft gradient",
     )
     add("--teacher", default=None, help="dense checkpoint to distill from (adds --distill-weight x KD loss)")
-    add("--distill-weight", type=float, default=1.0, help="weight of the distillation term (with --teacher)")
-    add("--distill-temperature", type=float, default=4.0, help="softmax temperature of the distillation term")
+    add(
+        "--distill-weight",
+        type=float,
+        default=None,
+        help="weight of the distillation term (default 1, needs --teacher)",
+    )
+    add(
+        "--distill-temperature",
+        type=float,
+        default=None,
+        help="softmax temperature of the KD term (default 4, needs --teacher)",
+    )
     add("--beta", type=float, default=None, help="original flag, accepted and unused (as in the original)")
     add("--budget-penalty", type=float, default=4.0, help="quadratic weight of the budget loss")
     add("--budget-step", type=float, default=0.05, help="gamma's step per batch")
@@ -127,6 +137,12 @@ def resolve_arguments(args: argparse.Namespace) -> argparse.Namespace:
         args.consistency_weight = args.diversity_weight = args.loss_lda
     if args.router_lr is None:
         args.router_lr = args.lr
+    distill_flags = [flag for flag in ("distill_weight", "distill_temperature") if getattr(args, flag) is not None]
+    if distill_flags and not args.teacher:
+        names = " and ".join("--" + flag.replace("_", "-") for flag in distill_flags)
+        raise ValueError(f"{names} set without --teacher: pass --teacher dense.th to distill, or drop {names}")
+    args.distill_weight = 1.0 if args.distill_weight is None else args.distill_weight
+    args.distill_temperature = 4.0 if args.distill_temperature is None else args.distill_temperature
     if args.threads:
         torch.set_num_threads(args.threads)
     return args

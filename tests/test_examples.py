@@ -91,6 +91,13 @@ class TestOriginalCommandLine:
         args = train_cifar.build_parser().parse_args([*ORIGINAL_COMMAND, "--local_rank", "0"])
         assert args.local_rank == 0
 
+    def test_distill_flags_need_a_teacher(self) -> None:
+        args = train_cifar.build_parser().parse_args([*ORIGINAL_COMMAND, "--distill-weight", "0.5"])
+        with pytest.raises(ValueError, match="--distill-weight set without --teacher"):
+            _common.resolve_arguments(args)
+        args = train_cifar.build_parser().parse_args([*ORIGINAL_COMMAND, "--teacher", "dense.th"])
+        assert (_common.resolve_arguments(args).distill_weight, args.distill_temperature) == (1.0, 4.0)
+
     def test_bad_num_target(self) -> None:
         table = dynroute.macs_table(dynroute.convert_resnet(dynroute.models.resnet20(), input_size=(3, 32, 32)))
         with pytest.raises(ValueError, match="--num_target"):
