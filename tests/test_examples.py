@@ -179,14 +179,18 @@ class TestTrainImagenet:
 
     def test_few_steps(self, tmp_path: Path) -> None:
         folder = _image_folder(tmp_path / "data", ("train", "val"), classes=2, per_class=4, size=40)
+        teacher = tmp_path / "teacher.pth"
+        torch.save(timm.create_model("resnet18", num_classes=2).state_dict(), teacher)
         report = train_imagenet.main(
             [
                 "--data-root", str(folder), "--model", "resnet18", "--image-size", "32", "--train-bs", "2",
                 "--test-bs", "4", "--max-steps", "2", "--workers", "0", "--threads", "1", "--budget", "0.6",
                 "--epochs", "1", "--stage2-epochs", "1", "--log-path", str(tmp_path / "runs"), "--note", "smoke",
+                "--teacher", str(teacher),
             ]
         )  # fmt: skip
         assert report["images"] == 8 and report["distinct_paths"] >= 1
+        assert all(float(row["distill"]) > 0 for row in _csv_rows(tmp_path / "runs" / "smoke" / "log.csv"))
         dense = count_macs(timm.create_model("resnet18", num_classes=2), (3, 32, 32)).total()
         assert report["dense_macs"] == dense and 0 < report["macs_fraction"] <= 1.01
         assert (tmp_path / "runs" / "smoke" / "last.pt").exists()
