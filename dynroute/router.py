@@ -128,11 +128,11 @@ class Router(nn.Module):
         Under autocast the router still runs in its own (float32) precision: a decision is the sign of
         a logit difference, which bfloat16 would round, and the router costs next to nothing.
         """
-        dtype = self.fc1.weight.dtype
-        if _autocast_enabled(x.device.type):
-            with torch.autocast(x.device.type, enabled=False):
-                return self._mlp(x.to(dtype))
-        return self._mlp(x.to(dtype))
+        x = x.to(self.fc1.weight.dtype)
+        if not _autocast_enabled(x.device.type):
+            return self._mlp(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return self._mlp(x)
 
     def _mlp(self, x: Tensor) -> Tensor:
         # F.linear on the layers' own parameters: at batch 1 a module call costs more than these tiny
