@@ -10,18 +10,19 @@ import torch
 
 import dynroute
 
-_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "inference_speed.py"
+_BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("inference_speed", _SCRIPT)
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, _BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
+    sys.modules[spec.name] = module  # dataclasses look their module up here, block_breakdown imports it
     spec.loader.exec_module(module)
     return module
 
 
-bench = _load_script()
+bench = _load_script("inference_speed")
+breakdown = _load_script("block_breakdown")
 
 
 @pytest.fixture(scope="module", params=["cifar_resnet20", "resnet26"])
@@ -141,3 +142,39 @@ class TestDecisionsAndAccounting:
     def test_efficiency_is_time_speedup_over_mac_speedup(self):
         row = bench.Row("m", 1, 0.5, "sparse", 10.0, 6.0, macs_ratio=0.5, time_ratio=0.6, max_abs_diff=0.0)
         assert row.efficiency == pytest.approx((1 / 0.6) / (1 / 0.5))
+
+
+class TestBlockBreakdown:
+    """The per-block breakdown feeds each block its real input and times exactly what sparse execution runs."""
+
+    def test_block_inputs_are_what_the_blocks_receive(self):
+        dense = dynroute.models.resnet20().eval()
+        images = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            inputs = breakdown.block_inputs(dense, ["layer1.0", "layer2.0"], images)
+            stem = dense.act(dense.bn1(dense.conv1(images)))
+            torch.testing.assert_close(inputs[0], stem, atol=0, rtol=0)
+            torch.testing.assert_close(inputs[1], dense.layer1(stem), atol=0, rtol=0)
+        assert not dense.layer1[0]._forward_pre_hooks, "the capture hooks are removed"
+
+    @pytest.mark.parametrize("rate", [0.0, 1.0])
+    def test_no_gather_when_every_or_no_row_runs(self, rate):
+        options = bench.TimingOptions(repeats=1, warmup=0, min_time=0.0, device=torch.device("cpu"))
+        spec = bench.ModelSpec(bench.MODELS["cifar_resnet20"].factory, (3, 16, 16), (4,))
+        result = breakdown.breakdown(spec, batch=4, rate=rate, options=options, seed=0)
+        assert result["rows"] == rate
+        assert result["gather"] == 0.0  # no call timed: sparse execution gathers nothing here either
+        assert (result["branch routed"] == 0.0) == (rate == 0.0)
+        expected = result["dense"] - result["branch all"] + result["branch routed"]
+        assert result["promised"] == pytest.approx(expected)
+        assert all(result[column] > 0 for column in ("dense", "sparse", "router", "branch all"))
+
+    def test_quick_mode_prints_a_line_per_model_batch_and_rate(self, capsys):
+        threads = torch.get_num_threads()
+        try:
+            results = breakdown.main(["--quick", "--repeats", "1", "--threads", "1", "--rates", "0.5"])
+        finally:
+            torch.set_num_threads(threads)
+        out = capsys.readouterr().out
+        assert len(results) == 2 * 2  # models x batches
+        assert "promised / sparse" in out and len(out.strip().splitlines()) == 2 + 4
