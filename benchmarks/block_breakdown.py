@@ -17,6 +17,7 @@ over all gated blocks of the network, so the stem and head are left out:
     python benchmarks/block_breakdown.py --malloc keep                  # resnet50 b32, cifar_resnet110 b256
     python benchmarks/block_breakdown.py --models cifar_resnet110 --batches 1
     python benchmarks/block_breakdown.py --quick
+    python benchmarks/block_breakdown.py --device cuda       # any torch device; CUDA is synchronized
 """
 
 import statistics
@@ -63,11 +64,11 @@ def breakdown(spec: ModelSpec, batch: int, rate: float, options: TimingOptions, 
     """Median milliseconds of each of :data:`COLUMNS`, summed over the gated blocks, and derived figures."""
     generator = torch.Generator().manual_seed(seed)
     dense, networks = build_networks(spec, generator)
-    routed = networks["sparse"]
+    dense, routed = dense.to(options.device), networks["sparse"].to(options.device)
     gated = list(dynroute.gated_blocks(routed))
     dense_blocks = dict(dense.named_modules())
-    images = torch.randn(batch, *spec.input_size, generator=generator)
-    decisions = random_decisions(batch, len(gated), rate, generator)
+    images = torch.randn(batch, *spec.input_size, generator=generator).to(options.device)
+    decisions = random_decisions(batch, len(gated), rate, generator).to(options.device)
     override = FixedDecisions(routed)
     override.logits = decision_logits(decisions)
     try:
@@ -109,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
         keep_freed_memory()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    options = TimingOptions(args.repeats, args.warmup, args.min_time, torch.device("cpu"), CLOCKS[args.clock])
+    options = TimingOptions(args.repeats, args.warmup, args.min_time, torch.device(args.device), CLOCKS[args.clock])
     names = (*COLUMNS, "rows", "promised")
     header = f"{'model':<16} {'batch':>5} {'rate':>5} " + " ".join(f"{c:>13}" for c in names)
     print(f"ms summed over the gated blocks, {torch.get_num_threads()} threads, {args.clock} clock")
