@@ -23,22 +23,20 @@ over all gated blocks of the network, so the stem and head are left out:
 import statistics
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from functools import partial
 
 import torch
 from inference_speed import (
-    CLOCKS,
-    MODELS,
     FixedDecisions,
     ModelSpec,
     TimingOptions,
     build_networks,
     decision_logits,
     interleaved_times,
-    keep_freed_memory,
     parse_args,
     random_decisions,
+    selected_models,
+    setup_timing,
 )
 from torch import Tensor, nn
 
@@ -106,21 +104,14 @@ def _call_all(calls: list[Callable[[], object]]) -> None:
 def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     """Print one line per (model, batch, rate) and return the results."""
     args = parse_args(argv)
-    if args.malloc == "keep":
-        keep_freed_memory()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    options = TimingOptions(args.repeats, args.warmup, args.min_time, torch.device(args.device), CLOCKS[args.clock])
+    options = setup_timing(args)
     names = (*COLUMNS, "rows", "promised")
     header = f"{'model':<16} {'batch':>5} {'rate':>5} " + " ".join(f"{c:>13}" for c in names)
     print(f"ms summed over the gated blocks, {torch.get_num_threads()} threads, {args.clock} clock")
     print(f"{header} {'promised / sparse':>17}")
     results = []
-    for name in args.models:
-        spec = MODELS[name]
-        if args.image_size is not None:
-            spec = replace(spec, input_size=(spec.input_size[0], args.image_size, args.image_size))
-        for batch in args.batches or spec.batches:
+    for name, spec in selected_models(args).items():
+        for batch in spec.batches:
             for rate in args.rates:
                 result = breakdown(spec, batch, rate, options, args.seed)
                 results.append(result)

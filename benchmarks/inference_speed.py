@@ -360,30 +360,43 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> list[Row]:
-    """Run the benchmark, print its table and return its rows."""
-    args = parse_args(argv)
+def setup_timing(args: argparse.Namespace) -> TimingOptions:
+    """Apply ``--malloc`` and ``--threads`` to this process and return the timing options of the rest."""
     if args.malloc == "keep":
         keep_freed_memory()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    options = TimingOptions(args.repeats, args.warmup, args.min_time, torch.device(args.device), CLOCKS[args.clock])
-    print(
-        f"torch {torch.__version__}, {options.device}, {torch.get_num_threads()} threads, "
-        f"{platform.processor() or platform.machine()}, malloc {args.malloc}, "
-        f"{args.clock} clock; median of {args.repeats} interleaved repeats",
-        flush=True,
-    )
-    rows, input_sizes = [], {}
+    return TimingOptions(args.repeats, args.warmup, args.min_time, torch.device(args.device), CLOCKS[args.clock])
+
+
+def selected_models(args: argparse.Namespace) -> dict[str, ModelSpec]:
+    """The models of ``--models`` by name, with ``--image-size`` and ``--batches`` applied."""
+    specs = {}
     for name in args.models:
         spec = MODELS[name]
         if args.image_size is not None:
             spec = replace(spec, input_size=(spec.input_size[0], args.image_size, args.image_size))
         if args.batches is not None:
             spec = replace(spec, batches=tuple(args.batches))
-        input_sizes[name] = spec.input_size
+        specs[name] = spec
+    return specs
+
+
+def main(argv: Sequence[str] | None = None) -> list[Row]:
+    """Run the benchmark, print its table and return its rows."""
+    args = parse_args(argv)
+    options = setup_timing(args)
+    print(
+        f"torch {torch.__version__}, {options.device}, {torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()}, malloc {args.malloc}, "
+        f"{args.clock} clock; median of {args.repeats} interleaved repeats",
+        flush=True,
+    )
+    specs = selected_models(args)
+    rows = []
+    for name, spec in specs.items():
         rows += benchmark_model(name, spec, args.rates, options, args.seed)
-    print(format_rows(rows, input_sizes))
+    print(format_rows(rows, {name: spec.input_size for name, spec in specs.items()}))
     return rows
 
 
