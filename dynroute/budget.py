@@ -21,7 +21,15 @@ by 0/1 decisions at test time, so the cost measured in stage 1 is only close to 
 cost. Stage 2 runs the hard decisions, so its measured cost is the test-time cost; there
 :meth:`BudgetLoss.trim` closes the remaining gap by moving one shared offset on every router's
 "run" logit (an integral controller on the decision threshold; the router weights stay frozen).
+
+The cost measured on augmented training views is still not the cost on clean images: padded
+random crops route differently from the un-augmented images a deployed model sees. After
+training, :meth:`BudgetLoss.calibrate` sets the same shared offset by bisection so the eval-mode
+cost over images you give it (training images under the evaluation transform, say) lands on the
+target.
 """
+
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -30,6 +38,7 @@ from torch import Tensor, nn
 from dynroute.accounting import hard_paths
 from dynroute.flops import MacsTable
 from dynroute.losses import path_costs
+from dynroute.metrics import collect_routing
 from dynroute.router import hard_gate
 from dynroute.routing import gated_blocks, routing_paths
 
@@ -107,6 +116,68 @@ class BudgetLoss(nn.Module):
         for _, block in gated_blocks(model):
             block.router.fc2.bias[1] += shift
         return shift
+
+    @torch.no_grad()
+    def calibrate(
+        self,
+        model: nn.Module,
+        loader: Iterable,
+        tolerance: float = 0.002,
+        max_passes: int = 16,
+        max_batches: int | None = None,
+    ) -> float:
+        """After training: shift every router's "run" logit so the eval-mode cost over ``loader`` meets the target.
+
+        Bisection on one shared offset (the one :meth:`trim` moves), each step a pass over the loader
+        in eval mode; the model is left in the mode it had. Pass images the model will meet at test
+        time without their labels mattering, e.g. training images under the evaluation transform,
+        never the test set you report on.
+
+        Args:
+            model: the trained, converted network (this loss's table).
+            loader: yields image batches or ``(images, labels, ...)`` tuples, in a fixed order.
+            tolerance: stop once the measured cost is this close to the target (fraction of dense).
+            max_passes: most passes over the loader.
+            max_batches: use only this many batches of the loader.
+
+        Returns:
+            The cost fraction measured at the offset kept (the closest to the target seen).
+        """
+        if tolerance <= 0 or max_passes < 1:
+            raise ValueError(f"tolerance must be > 0 and max_passes >= 1, but got {tolerance} and {max_passes}")
+
+        run_biases = [block.router.fc2.bias for _, block in gated_blocks(model)]
+        trained = [bias.detach().clone() for bias in run_biases]
+
+        def set_offset(offset: float) -> None:
+            for bias, value in zip(run_biases, trained):
+                bias.copy_(value)
+                bias[1] += offset
+
+        def cost_at(offset: float) -> float:
+            set_offset(offset)
+            return collect_routing(model, loader, max_batches=max_batches).macs().fraction
+
+        def closest() -> float:
+            return min(measured, key=lambda offset: abs(measured[offset] - self.target))
+
+        measured: dict[float, float] = {}
+        try:
+            measured[0.0] = cost_at(0.0)
+            # Bracket the target (a larger "run" logit opens more gates), doubling the step until the
+            # cost crosses it; then halve the bracket.
+            direction = 1.0 if measured[0.0] < self.target else -1.0
+            short_of, past, step = 0.0, None, 1.0
+            while len(measured) < max_passes and abs(measured[closest()] - self.target) > tolerance:
+                offset = direction * step if past is None else (short_of + past) / 2
+                measured[offset] = cost_at(offset)
+                if (measured[offset] - self.target) * direction >= 0:
+                    past = offset
+                else:
+                    short_of, step = offset, 2 * step
+        finally:  # keep the best offset found, the trained one if nothing was measured
+            set_offset(closest() if measured else 0.0)
+        return measured[closest()]
 
     @torch.no_grad()
     def _measure(self, decisions: Tensor) -> float:

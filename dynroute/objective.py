@@ -1,5 +1,7 @@
 """The CoDiNet training objective in one module: cross-entropy plus the three path terms (Eq. 12)."""
 
+from collections.abc import Iterable
+
 from torch import Tensor, nn
 
 from dynroute.budget import BudgetLoss
@@ -97,6 +99,14 @@ class CoDiNetLoss(nn.Module):
         """After a stage-2 step, keep the hard cost on the budget (:meth:`BudgetLoss.trim`); else nothing."""
         if isinstance(self.cost, BudgetLoss) and get_stage(model) == 2:
             self.cost.trim(model)
+
+    def calibrate(self, model: nn.Module, loader: Iterable, **kwargs: float) -> float:
+        """After training, hold the budget on ``loader``'s images in eval mode (:meth:`BudgetLoss.calibrate`)."""
+        if not isinstance(self.cost, BudgetLoss):
+            raise ValueError(
+                "calibrate needs a budget, but this CoDiNetLoss has a fixed gamma; build it with target=<fraction>"
+            )
+        return self.cost.calibrate(model, loader, **kwargs)
 
     def extra_repr(self) -> str:
         return f"num_views={self.num_views}, alpha={self.alpha}, beta={self.beta}, gamma={self.gamma}"

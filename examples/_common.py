@@ -6,11 +6,13 @@ uses are ``dynroute.CoDiNetLoss``, ``dynroute.set_stage``, ``dynroute.save_check
 """
 
 import argparse
+import copy
 import csv
 import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -18,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
 import dynroute
@@ -112,6 +114,13 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add("--beta", type=float, default=None, help="original flag, accepted and unused (as in the original)")
     add("--budget-penalty", type=float, default=4.0, help="quadratic weight of the budget loss")
     add("--budget-step", type=float, default=0.05, help="gamma's step per batch")
+    add(
+        "--calibrate-images",
+        type=int,
+        default=0,
+        help="after training, set the decision threshold so the budget holds on this many training images "
+        "under the evaluation transform (BudgetLoss.calibrate); 0 = off",
+    )
     add("--log-path", "--log_path", dest="log_path", default="./outputs", help="where runs are written")
     add("--note", default="run", help="run name: the run's folder under --log-path")
     add("--resume", action="store_true", help="continue the run in --log-path/--note from its last checkpoint")
@@ -141,6 +150,12 @@ def resolve_arguments(args: argparse.Namespace) -> argparse.Namespace:
     if distill_flags and not args.teacher:
         names = " and ".join("--" + flag.replace("_", "-") for flag in distill_flags)
         raise ValueError(f"{names} set without --teacher: pass --teacher dense.th to distill, or drop {names}")
+    if args.calibrate_images < 0:
+        raise ValueError(f"--calibrate-images must be >= 0, but got {args.calibrate_images}")
+    if args.calibrate_images and (args.dense or (args.budget is None and args.num_target is None)):
+        raise ValueError(
+            "--calibrate-images calibrates a budget: add --budget (or --num_target) to a routed run, or drop it"
+        )
     args.distill_weight = 1.0 if args.distill_weight is None else args.distill_weight
     args.distill_temperature = 4.0 if args.distill_temperature is None else args.distill_temperature
     if args.threads:
@@ -196,6 +211,23 @@ def distillation_loss(logits: Tensor, teacher_logits: Tensor, temperature: float
     log_student = F.log_softmax(logits.float() / temperature, dim=1)
     log_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=1)
     return F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True) * temperature**2
+
+
+def calibration_subset(train_set: Dataset, transform: Callable, count: int, seed: int) -> Subset:
+    """``count`` training images, a fixed random choice, under ``transform`` (the evaluation one).
+
+    What :meth:`dynroute.BudgetLoss.calibrate` needs: images like the ones a deployed model meets,
+    not augmented views and not the test set. ``train_set`` is a torchvision dataset with a
+    ``transform`` attribute, or a ``Subset`` of one.
+    """
+    indices: list[int] = list(range(len(train_set)))
+    base = train_set
+    if isinstance(base, Subset):
+        indices, base = list(base.indices), base.dataset
+    clean = copy.copy(base)  # shares the file list or arrays; only the transform differs
+    clean.transform = transform
+    order = torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed))[:count]
+    return Subset(clean, [indices[i] for i in order.tolist()])
 
 
 def cosine_factor(step: int, total: int) -> float:
@@ -345,10 +377,12 @@ def train(
     args: argparse.Namespace,
     env: Distributed,
     teacher: nn.Module | None = None,
+    calibration_set: Dataset | None = None,
 ) -> dict:
     """Train ``model`` (converted, or dense with ``args.dense``) through both stages; return the final report.
 
     With a ``teacher`` (a frozen dense network) the loss gains ``args.distill_weight`` x the KD term.
+    With a ``calibration_set`` the budget is calibrated on it after training (main process).
     """
     model.to(env.device)
     if teacher is not None:
@@ -429,6 +463,14 @@ def train(
         run.log_scalars("epoch", row, state.epoch)
         if env.enabled:
             dist.barrier()
+    if calibration_set is not None and env.is_main:
+        calibration_loader = DataLoader(calibration_set, batch_size=args.test_bs, num_workers=args.workers)
+        cost = criterion.calibrate(model, calibration_loader)
+        print(
+            f"calibrated the decision threshold on {len(calibration_set)} training images (evaluation transform): "
+            f"cost {100 * cost:.1f}% of dense for a budget of {100 * criterion.cost.target:.1f}%"
+        )
+        run.save(model, optimizer, criterion, state)
     report = final_report(model, test_loader, args, env)
     run.close(report)
     return report
@@ -457,12 +499,13 @@ def run_training(
     args: argparse.Namespace,
     env: Distributed,
     teacher: nn.Module | None = None,
+    calibration_set: Dataset | None = None,
 ) -> dict:
     """Print the MAC table (routed runs), train (distilling from ``teacher`` if given), evaluate, leave the group."""
     if env.is_main and not args.dense:
         print(dynroute.macs_table(model))
     test_loader = DataLoader(test_set, batch_size=args.test_bs, num_workers=args.workers)
-    report = train(model, train_set, test_loader, args, env, teacher)
+    report = train(model, train_set, test_loader, args, env, teacher, calibration_set)
     if env.enabled:
         dist.destroy_process_group()
     return report

@@ -22,6 +22,7 @@ from dynroute.data import MultiViewTransform, eval_transform, train_transform
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
     add_training_arguments,
+    calibration_subset,
     image_folder_split,
     resolve_arguments,
     run_training,
@@ -110,7 +111,10 @@ def main(argv: list[str] | None = None) -> dict:
     train_set, test_set, classes = build_datasets(args)
     model = build_model(args, classes)
     teacher = build_dense(args, classes, args.teacher) if args.teacher else None
-    return run_training(model, train_set, test_set, args, env, teacher)
+    calibration_set = None
+    if args.calibrate_images:
+        calibration_set = calibration_subset(train_set, eval_transform(), args.calibrate_images, args.seed)
+    return run_training(model, train_set, test_set, args, env, teacher, calibration_set)
 
 
 if __name__ == "__main__":

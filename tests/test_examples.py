@@ -11,6 +11,7 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from torchvision import datasets
 
 import dynroute
 from dynroute.flops import count_macs
@@ -153,6 +154,30 @@ class TestTrainCifar:
         assert all(float(row["distill"]) > 0 for row in rows)  # a random teacher disagrees with the student
         model = train_cifar.build_model(_common.resolve_arguments(train_cifar.build_parser().parse_args(args)), 3)
         assert {block.router.relaxation for _, block in dynroute.gated_blocks(model)} == {"straight_through"}
+
+    def test_budget_calibration(self, cifar_folder: Path, tmp_path: Path, capsys) -> None:
+        extra = ("--budget", "0.6", "--epochs", "1", "--stage2-epochs", "1", "--calibrate-images", "12")
+        train_cifar.main(_tiny_run(cifar_folder, tmp_path, *extra))
+        line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("calibrated"))
+        assert "on 12 training images" in line and "budget of 60.0%" in line
+        cost = float(line.split("cost ")[1].split("%")[0])
+        assert cost == pytest.approx(60.0, abs=5.0)  # 12 images x 9 blocks: coarse steps of cost
+
+    @pytest.mark.parametrize("extra", [(), ("--dense",)])
+    def test_calibration_needs_a_budget(self, extra: tuple[str, ...]) -> None:
+        args = train_cifar.build_parser().parse_args(["--calibrate-images", "100", *extra])
+        with pytest.raises(ValueError, match="--calibrate-images calibrates a budget"):
+            _common.resolve_arguments(args)
+
+    def test_calibration_images_are_clean_training_images(self, cifar_folder: Path) -> None:
+        views = dynroute.MultiViewTransform(dynroute.train_transform("cifar10"), 2)
+        train_set = torch.utils.data.Subset(datasets.ImageFolder(cifar_folder / "train", views), [1, 4, 9, 17, 20])
+        clean = _common.calibration_subset(train_set, dynroute.eval_transform(), 3, seed=0)
+        reference = datasets.ImageFolder(cifar_folder / "train", dynroute.eval_transform())
+        assert len(clean) == 3 and set(clean.indices) <= {1, 4, 9, 17, 20}
+        for position, index in enumerate(clean.indices):
+            assert torch.equal(clean[position][0], reference[index][0])  # one un-augmented image, not views
+        assert train_set.dataset.transform is views  # the training set keeps its views
 
     def test_unknown_dataset(self, cifar_folder: Path, tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="--dataset"):

@@ -229,3 +229,81 @@ class TestCoDiNetLoss:
         assert terms.keys() == {"ce"}
         assert torch.allclose(loss, torch.nn.functional.cross_entropy(logits, labels))
         assert criterion.cost.gamma.item() == 0.0
+
+
+class TestCalibrate:
+    """BudgetLoss.calibrate: one shared shift of the run logits puts the eval-mode cost of given images on target."""
+
+    @staticmethod
+    def _model_and_loader() -> tuple[torch.nn.Module, list[torch.Tensor]]:
+        model = _routed(blocks_per_stage=3)
+        with torch.no_grad():  # routers that look at their input, so decisions differ between images
+            for _, block in dynroute.gated_blocks(model):
+                block.router.fc2.weight.normal_(0.0, 3.0)
+        generator = torch.Generator().manual_seed(2)
+        return model, [torch.randn(32, 3, 16, 16, generator=generator) for _ in range(4)]
+
+    @staticmethod
+    def _eval_cost(model: torch.nn.Module, loader: list[torch.Tensor]) -> float:
+        """The cost measured by hand: eval forward per batch, per-sample MACs summed block by block."""
+        table = dynroute.macs_table(model)
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for images in loader:
+                model.eval()(images)
+                for row in dynroute.routing_paths(model):
+                    total += table.fixed_macs + sum(m for m, gate in zip(table.block_macs, row) if gate >= 0.5)
+                    count += 1
+        return total / count / table.dense_macs
+
+    @pytest.mark.parametrize("target", [0.45, 0.8])
+    def test_lands_on_the_target_with_one_shared_shift(self, target: float) -> None:
+        model, loader = self._model_and_loader()
+        before = {key: value.clone() for key, value in model.state_dict().items()}
+        assert abs(self._eval_cost(model, loader) - target) > 0.05  # there is a gap to close
+        budget = dynroute.BudgetLoss(dynroute.macs_table(model), target=target)
+        model.train()
+        returned = budget.calibrate(model, loader, tolerance=0.01)
+        assert model.training and all(module.training for module in model.modules())  # mode restored
+        assert returned == pytest.approx(self._eval_cost(model, loader), abs=1e-9)
+        assert returned == pytest.approx(target, abs=0.01)
+        after = model.state_dict()
+        shifts = {round((after[key][1] - before[key][1]).item(), 5) for key in before if key.endswith("fc2.bias")}
+        assert len(shifts) == 1 and shifts != {0.0}
+        for key, value in before.items():
+            if key.endswith("fc2.bias"):
+                assert after[key][0] == value[0]
+            else:
+                assert torch.equal(after[key], value), key
+
+    def test_cost_already_on_target_changes_nothing(self) -> None:
+        model, loader = self._model_and_loader()
+        before = {key: value.clone() for key, value in model.state_dict().items()}
+        budget = dynroute.BudgetLoss(dynroute.macs_table(model), target=self._eval_cost(model, loader))
+        budget.calibrate(model, loader)
+        assert all(torch.equal(model.state_dict()[key], value) for key, value in before.items())
+
+    def test_failing_loader_leaves_the_trained_thresholds(self) -> None:
+        model, batches = self._model_and_loader()
+        before = {key: value.clone() for key, value in model.state_dict().items()}
+
+        class BreaksOnSecondPass:
+            passes = 0
+
+            def __iter__(self):
+                self.passes += 1
+                if self.passes > 1:
+                    raise OSError("disk gone")
+                return iter(batches)
+
+        with pytest.raises(OSError, match="disk gone"):
+            dynroute.BudgetLoss(dynroute.macs_table(model), target=0.45).calibrate(model, BreaksOnSecondPass())
+        assert all(torch.equal(model.state_dict()[key], value) for key, value in before.items())
+
+    def test_needs_a_budget(self) -> None:
+        model, loader = self._model_and_loader()
+        criterion = dynroute.CoDiNetLoss(dynroute.macs_table(model), num_views=2)
+        with pytest.raises(ValueError, match="target="):
+            criterion.calibrate(model, loader)
+        with pytest.raises(ValueError, match="tolerance"):
+            dynroute.BudgetLoss(dynroute.macs_table(model), target=0.5).calibrate(model, loader, tolerance=0)
