@@ -125,6 +125,7 @@ class BudgetLoss(nn.Module):
         tolerance: float = 0.002,
         max_passes: int = 16,
         max_batches: int | None = None,
+        at_most: bool = False,
     ) -> float:
         """After training: shift every router's "run" logit so the eval-mode cost over ``loader`` meets the target.
 
@@ -139,9 +140,12 @@ class BudgetLoss(nn.Module):
             tolerance: stop once the measured cost is this close to the target (fraction of dense).
             max_passes: most passes over the loader.
             max_batches: use only this many batches of the loader.
+            at_most: treat the target as a cap: keep only offsets whose cost is at or under it
+                (between ``target - tolerance`` and ``target`` when the bisection gets there).
 
         Returns:
-            The cost fraction measured at the offset kept (the closest to the target seen).
+            The cost fraction measured at the offset kept: the closest to the target seen (with
+            ``at_most``, the closest at or under it, if any was).
         """
         if tolerance <= 0 or max_passes < 1:
             raise ValueError(f"tolerance must be > 0 and max_passes >= 1, but got {tolerance} and {max_passes}")
@@ -159,7 +163,12 @@ class BudgetLoss(nn.Module):
             return collect_routing(model, loader, max_batches=max_batches).macs().fraction
 
         def closest() -> float:
-            return min(measured, key=lambda offset: abs(measured[offset] - self.target))
+            allowed = [offset for offset in measured if not at_most or measured[offset] <= self.target]
+            return min(allowed or measured, key=lambda offset: abs(measured[offset] - self.target))
+
+        def done() -> bool:
+            cost = measured[closest()]
+            return abs(cost - self.target) <= tolerance and (not at_most or cost <= self.target)
 
         measured: dict[float, float] = {}
         try:
@@ -168,7 +177,7 @@ class BudgetLoss(nn.Module):
             # cost crosses it; then halve the bracket.
             direction = 1.0 if measured[0.0] < self.target else -1.0
             short_of, past, step = 0.0, None, 1.0
-            while len(measured) < max_passes and abs(measured[closest()] - self.target) > tolerance:
+            while len(measured) < max_passes and not done():
                 offset = direction * step if past is None else (short_of + past) / 2
                 measured[offset] = cost_at(offset)
                 if (measured[offset] - self.target) * direction >= 0:

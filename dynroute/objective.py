@@ -1,6 +1,7 @@
 """The CoDiNet training objective in one module: cross-entropy plus the three path terms (Eq. 12)."""
 
 from collections.abc import Iterable
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -100,7 +101,7 @@ class CoDiNetLoss(nn.Module):
         if isinstance(self.cost, BudgetLoss) and get_stage(model) == 2:
             self.cost.trim(model)
 
-    def calibrate(self, model: nn.Module, loader: Iterable, **kwargs: float) -> float:
+    def calibrate(self, model: nn.Module, loader: Iterable, **kwargs: Any) -> float:
         """After training, hold the budget on ``loader``'s images in eval mode (:meth:`BudgetLoss.calibrate`)."""
         if not isinstance(self.cost, BudgetLoss):
             raise ValueError(

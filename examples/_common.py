@@ -118,8 +118,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         "--calibrate-images",
         type=int,
         default=0,
-        help="after training, set the decision threshold so the budget holds on this many training images "
-        "under the evaluation transform (BudgetLoss.calibrate); 0 = off",
+        help="after training, set the decision threshold so the cost of this many training images under the "
+        "evaluation transform is at most the budget and within 0.2 points of it (BudgetLoss.calibrate); 0 = off",
     )
     add("--log-path", "--log_path", dest="log_path", default="./outputs", help="where runs are written")
     add("--note", default="run", help="run name: the run's folder under --log-path")
@@ -465,10 +465,10 @@ def train(
             dist.barrier()
     if calibration_set is not None and env.is_main:
         calibration_loader = DataLoader(calibration_set, batch_size=args.test_bs, num_workers=args.workers)
-        cost = criterion.calibrate(model, calibration_loader)
+        cost = criterion.calibrate(model, calibration_loader, at_most=True)
         print(
             f"calibrated the decision threshold on {len(calibration_set)} training images (evaluation transform): "
-            f"cost {100 * cost:.1f}% of dense for a budget of {100 * criterion.cost.target:.1f}%"
+            f"cost {100 * cost:.2f}% of dense for a budget of at most {100 * criterion.cost.target:.1f}%"
         )
         run.save(model, optimizer, criterion, state)
     report = final_report(model, test_loader, args, env)

@@ -159,9 +159,9 @@ class TestTrainCifar:
         extra = ("--budget", "0.6", "--epochs", "1", "--stage2-epochs", "1", "--calibrate-images", "12")
         train_cifar.main(_tiny_run(cifar_folder, tmp_path, *extra))
         line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("calibrated"))
-        assert "on 12 training images" in line and "budget of 60.0%" in line
+        assert "on 12 training images" in line and "budget of at most 60.0%" in line
         cost = float(line.split("cost ")[1].split("%")[0])
-        assert cost == pytest.approx(60.0, abs=5.0)  # 12 images x 9 blocks: coarse steps of cost
+        assert 55.0 <= cost <= 60.0  # 12 images x 9 blocks: coarse steps of cost
 
     @pytest.mark.parametrize("extra", [(), ("--dense",)])
     def test_calibration_needs_a_budget(self, extra: tuple[str, ...]) -> None:

@@ -1,5 +1,7 @@
 """Tests of two-stage training (dynroute.training), the adaptive budget (BudgetLoss) and CoDiNetLoss."""
 
+import copy
+
 import pytest
 import torch
 
@@ -275,6 +277,17 @@ class TestCalibrate:
                 assert after[key][0] == value[0]
             else:
                 assert torch.equal(after[key], value), key
+
+    def test_at_most_keeps_the_cost_under_a_cap(self) -> None:
+        model, loader = self._model_and_loader()
+        start = self._eval_cost(model, loader)
+        cap = start - 0.004  # just under the trained cost: within a loose tolerance, but over the cap
+        budget = dynroute.BudgetLoss(dynroute.macs_table(model), target=cap)
+        unchanged = budget.calibrate(copy.deepcopy(model), loader, tolerance=0.01)
+        assert unchanged == pytest.approx(start)  # as an equality, already close enough
+        returned = budget.calibrate(model, loader, tolerance=0.01, at_most=True)
+        assert cap - 0.01 <= returned <= cap
+        assert returned == pytest.approx(self._eval_cost(model, loader), abs=1e-9)
 
     def test_cost_already_on_target_changes_nothing(self) -> None:
         model, loader = self._model_and_loader()
