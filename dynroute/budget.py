@@ -113,8 +113,8 @@ class BudgetLoss(nn.Module):
         shift applied, ``-trim_step * (measured - target)`` logits.
         """
         shift = -self.trim_step * (self._measure(routing_paths(model)) - self.target)
-        for _, block in gated_blocks(model):
-            block.router.fc2.bias[1] += shift
+        for bias in _run_biases(model):
+            bias[1] += shift
         return shift
 
     @torch.no_grad()
@@ -150,7 +150,7 @@ class BudgetLoss(nn.Module):
         if tolerance <= 0 or max_passes < 1:
             raise ValueError(f"tolerance must be > 0 and max_passes >= 1, but got {tolerance} and {max_passes}")
 
-        run_biases = [block.router.fc2.bias for _, block in gated_blocks(model)]
+        run_biases = _run_biases(model)
         trained = [bias.detach().clone() for bias in run_biases]
 
         def set_offset(offset: float) -> None:
@@ -207,3 +207,8 @@ class BudgetLoss(nn.Module):
             f"target={self.target}, penalty={self.penalty}, step_size={self.step_size}, trim_step={self.trim_step}, "
             f"gamma={self.gamma.item():.4f}, fixed_cost={self.fixed_cost:.4f}"
         )
+
+
+def _run_biases(model: nn.Module) -> list[Tensor]:
+    """The output bias of every router of ``model``; entry 1 is the "run" logit's offset."""
+    return [block.router.fc2.bias for _, block in gated_blocks(model)]

@@ -499,12 +499,18 @@ def run_training(
     args: argparse.Namespace,
     env: Distributed,
     teacher: nn.Module | None = None,
-    calibration_set: Dataset | None = None,
+    eval_transform: Callable | None = None,
 ) -> dict:
-    """Print the MAC table (routed runs), train (distilling from ``teacher`` if given), evaluate, leave the group."""
+    """Print the MAC table (routed runs), train (distilling from ``teacher`` if given), evaluate, leave the group.
+
+    With ``--calibrate-images N`` the budget is calibrated on N training images under ``eval_transform``.
+    """
     if env.is_main and not args.dense:
         print(dynroute.macs_table(model))
     test_loader = DataLoader(test_set, batch_size=args.test_bs, num_workers=args.workers)
+    calibration_set = None
+    if args.calibrate_images:
+        calibration_set = calibration_subset(train_set, eval_transform, args.calibrate_images, args.seed)
     report = train(model, train_set, test_loader, args, env, teacher, calibration_set)
     if env.enabled:
         dist.destroy_process_group()

@@ -22,7 +22,6 @@ from dynroute.data import MultiViewTransform, eval_transform, train_transform
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
     add_training_arguments,
-    calibration_subset,
     image_folder_split,
     resolve_arguments,
     run_training,
@@ -111,10 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_set, test_set, classes = build_datasets(args)
     model = build_model(args, classes)
     teacher = build_dense(args, classes, args.teacher) if args.teacher else None
-    calibration_set = None
-    if args.calibrate_images:
-        calibration_set = calibration_subset(train_set, eval_transform(), args.calibrate_images, args.seed)
-    return run_training(model, train_set, test_set, args, env, teacher, calibration_set)
+    return run_training(model, train_set, test_set, args, env, teacher, eval_transform())
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import dynroute
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
     add_training_arguments,
-    calibration_subset,
     image_folder_split,
     resolve_arguments,
     run_training,
@@ -85,10 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     teacher = build_dense(args, len(train_set.classes), args.teacher) if args.teacher else None
     train_tf, test_set.transform = build_transforms(model, args.image_size)
     train_set.transform = dynroute.MultiViewTransform(train_tf, args.views)
-    calibration_set = None
-    if args.calibrate_images:
-        calibration_set = calibration_subset(train_set, test_set.transform, args.calibrate_images, args.seed)
-    return run_training(model, train_set, test_set, args, env, teacher, calibration_set)
+    return run_training(model, train_set, test_set, args, env, teacher, test_set.transform)
 
 
 if __name__ == "__main__":
