@@ -121,6 +121,13 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         help="after training, set the decision threshold so the cost of this many training images under the "
         "evaluation transform is at most the budget and within 0.2 points of it (BudgetLoss.calibrate); 0 = off",
     )
+    add(
+        "--calibrate-when",
+        choices=("end", "stage2"),
+        default="end",
+        help="with --calibrate-images: only after training, or also before every stage-2 epoch (stage 2 then "
+        "fine-tunes the blocks for the calibrated routing instead of trimming the cost of augmented views)",
+    )
     add("--log-path", "--log_path", dest="log_path", default="./outputs", help="where runs are written")
     add("--note", default="run", help="run name: the run's folder under --log-path")
     add("--resume", action="store_true", help="continue the run in --log-path/--note from its last checkpoint")
@@ -155,6 +162,10 @@ def resolve_arguments(args: argparse.Namespace) -> argparse.Namespace:
     if args.calibrate_images and (args.dense or (args.budget is None and args.num_target is None)):
         raise ValueError(
             "--calibrate-images calibrates a budget: add --budget (or --num_target) to a routed run, or drop it"
+        )
+    if args.calibrate_when != "end" and not args.calibrate_images:
+        raise ValueError(
+            f"--calibrate-when {args.calibrate_when} needs images to calibrate on: add --calibrate-images N, or drop it"
         )
     args.distill_weight = 1.0 if args.distill_weight is None else args.distill_weight
     args.distill_temperature = 4.0 if args.distill_temperature is None else args.distill_temperature
@@ -382,7 +393,8 @@ def train(
     """Train ``model`` (converted, or dense with ``args.dense``) through both stages; return the final report.
 
     With a ``teacher`` (a frozen dense network) the loss gains ``args.distill_weight`` x the KD term.
-    With a ``calibration_set`` the budget is calibrated on it after training (main process).
+    With a ``calibration_set`` the budget is calibrated on it after training, and with
+    ``--calibrate-when stage2`` also before every stage-2 epoch, in place of the per-step trim.
     """
     model.to(env.device)
     if teacher is not None:
@@ -398,6 +410,10 @@ def train(
     optimizer = build_optimizer(model, args)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
+    calibration_loader = None
+    if calibration_set is not None:
+        calibration_loader = DataLoader(calibration_set, batch_size=args.test_bs, num_workers=args.workers)
+    calibrate_in_stage2 = calibration_loader is not None and args.calibrate_when == "stage2"
     wrapped, wrapped_stage = model, None
     while state.epoch < total_epochs:
         stage = 1 if args.dense or state.epoch < args.epochs else 2
@@ -405,6 +421,8 @@ def train(
             if not args.dense:
                 dynroute.set_stage(model, stage)
             wrapped, wrapped_stage = _wrap(model, env, stage), stage
+        if stage == 2 and calibrate_in_stage2:
+            calibrate(model, criterion, calibration_loader, env)
         if isinstance(loader.sampler, DistributedSampler):
             loader.sampler.set_epoch(state.epoch)
         model.train()
@@ -435,7 +453,7 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            if not args.dense:
+            if not args.dense and not calibrate_in_stage2:
                 criterion.trim(model)  # stage 2 with a budget: hold the hard cost on it
             state.step += 1
             sums["loss"] += loss.item() * labels.numel()
@@ -463,17 +481,25 @@ def train(
         run.log_scalars("epoch", row, state.epoch)
         if env.enabled:
             dist.barrier()
-    if calibration_set is not None and env.is_main:
-        calibration_loader = DataLoader(calibration_set, batch_size=args.test_bs, num_workers=args.workers)
-        cost = criterion.calibrate(model, calibration_loader, at_most=True)
-        print(
-            f"calibrated the decision threshold on {len(calibration_set)} training images (evaluation transform): "
-            f"cost {100 * cost:.2f}% of dense for a budget of at most {100 * criterion.cost.target:.1f}%"
-        )
+    if calibration_loader is not None:
+        calibrate(model, criterion, calibration_loader, env)
         run.save(model, optimizer, criterion, state)
     report = final_report(model, test_loader, args, env)
     run.close(report)
     return report
+
+
+def calibrate(model: nn.Module, criterion: dynroute.CoDiNetLoss, loader: DataLoader, env: Distributed) -> None:
+    """Put the eval-mode cost of ``loader``'s images at or just under the budget; every rank gets the thresholds."""
+    if env.is_main:
+        cost = criterion.calibrate(model, loader, at_most=True)
+        print(
+            f"calibrated the decision threshold on {len(loader.dataset)} training images (evaluation transform): "
+            f"cost {100 * cost:.2f}% of dense for a budget of at most {100 * criterion.cost.target:.1f}%"
+        )
+    if env.enabled:
+        for parameter in dynroute.router_parameters(model):
+            dist.broadcast(parameter.data, src=0)
 
 
 def final_report(model: nn.Module, test_loader: DataLoader, args: argparse.Namespace, env: Distributed) -> dict:

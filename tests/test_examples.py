@@ -163,6 +163,18 @@ class TestTrainCifar:
         cost = float(line.split("cost ")[1].split("%")[0])
         assert 55.0 <= cost <= 60.0  # 12 images x 9 blocks: coarse steps of cost
 
+    def test_budget_calibration_before_every_stage2_epoch(self, cifar_folder: Path, tmp_path: Path, capsys) -> None:
+        extra = ("--budget", "0.6", "--epochs", "1", "--stage2-epochs", "2", "--calibrate-images", "12")
+        train_cifar.main(_tiny_run(cifar_folder, tmp_path, *extra, "--calibrate-when", "stage2"))
+        lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("calibrated")]
+        assert len(lines) == 3  # before each of the 2 stage-2 epochs, and after training
+        assert all(55.0 <= float(line.split("cost ")[1].split("%")[0]) <= 60.0 for line in lines)
+
+    def test_calibrate_when_needs_images(self) -> None:
+        args = train_cifar.build_parser().parse_args(["--budget", "0.6", "--calibrate-when", "stage2"])
+        with pytest.raises(ValueError, match="--calibrate-when stage2 needs images"):
+            _common.resolve_arguments(args)
+
     @pytest.mark.parametrize("extra", [(), ("--dense",)])
     def test_calibration_needs_a_budget(self, extra: tuple[str, ...]) -> None:
         args = train_cifar.build_parser().parse_args(["--calibrate-images", "100", *extra])
@@ -185,11 +197,11 @@ class TestTrainCifar:
 
     @pytest.mark.slow
     def test_torchrun_two_processes(self, cifar_folder: Path, tmp_path: Path) -> None:
-        """torchrun --nproc_per_node=2 on CPU: gloo, sharded batches, one report."""
+        """torchrun --nproc_per_node=2 on CPU: gloo, sharded batches, thresholds calibrated on rank 0, one report."""
+        extra = ("--budget", "0.6", "--epochs", "1", "--stage2-epochs", "1", "--calibrate-images", "12")
         command = [
             sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            str(EXAMPLES / "train_cifar.py"),
-            *_tiny_run(cifar_folder, tmp_path, "--budget", "0.6", "--epochs", "1", "--stage2-epochs", "1"),
+            str(EXAMPLES / "train_cifar.py"), *_tiny_run(cifar_folder, tmp_path, *extra, "--calibrate-when", "stage2"),
         ]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": str(EXAMPLES.parent), "OMP_NUM_THREADS": "1"}
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
@@ -197,6 +209,7 @@ class TestTrainCifar:
         report = json.loads((tmp_path / "smoke" / "results.json").read_text())
         assert report["images"] == 24
         assert [row["stage"] for row in _csv_rows(tmp_path / "smoke" / "log.csv")] == ["1", "2"]
+        assert result.stdout.count("calibrated the decision threshold") == 2  # rank 0: before stage 2, after it
 
 
 class TestTrainImagenet:
