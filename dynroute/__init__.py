@@ -33,6 +33,7 @@ from dynroute.metrics import (
 )
 from dynroute.router import Router, hard_gate, relaxed_gate
 from dynroute.routing import force_gates, gated_blocks, routing_logits, routing_paths, set_execution
+from dynroute.stage import GatedSequential
 from dynroute.summary import RoutingSummary, summary
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     # layers
     "Router",
     "GatedBlock",
+    "GatedSequential",
     "relaxed_gate",
     "hard_gate",
     # conversion

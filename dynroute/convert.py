@@ -9,6 +9,7 @@ from dynroute.adapters import get_adapter, registered_block_types
 from dynroute.flops import attach_macs_table, build_macs_table
 from dynroute.gated_block import GatedBlock, check_image_batch
 from dynroute.router import Router
+from dynroute.stage import adopt_stage
 
 __all__ = ["convert_resnet"]
 
@@ -124,7 +125,9 @@ def convert_resnet(
         gated = GatedBlock(block, router)
         gated.train(block.training)
         parent_name, _, child_name = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child_name, gated)
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child_name, gated)
+        adopt_stage(parent)
     model.register_forward_pre_hook(_check_input)
     attach_macs_table(model, build_macs_table(model, input_size))
     return model

@@ -7,6 +7,7 @@ user's model: fvcore traces a deep copy with every gate forced open, then closed
 
 import copy
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -15,12 +16,18 @@ from torch import Tensor, nn
 with warnings.catch_warnings():  # fvcore scripts helpers with torch.jit, which now warns of its deprecation
     warnings.simplefilter("ignore", FutureWarning)
     from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.jit_handles import elementwise_flop_counter
 
 from dynroute.routing import force_gates, gated_blocks
 
 __all__ = ["MacsTable", "attach_macs_table", "build_macs_table", "count_macs", "macs_table"]
 
 _TABLE_ATTRIBUTE = "_dynroute_macs_table"
+
+# A router pools with ``mean`` over (H, W), which fvcore does not count; count it as fvcore counts
+# adaptive_avg_pool2d, one MAC per input element. Only for routers measured alone: the network's
+# own counts stay fvcore's.
+_ROUTER_OP_HANDLES = {"aten::mean": elementwise_flop_counter(1, 0)}
 
 
 @dataclass(frozen=True)
@@ -83,14 +90,19 @@ class MacsTable:
         return self.format()
 
 
-def count_macs(model: nn.Module, input_size: tuple[int, ...]) -> FlopCountAnalysis:
-    """fvcore analysis of one eval forward of a deep copy of ``model`` on a batch of one."""
+def count_macs(
+    model: nn.Module, input_size: tuple[int, ...], op_handles: dict[str, Callable] | None = None
+) -> FlopCountAnalysis:
+    """fvcore analysis of one eval forward of a deep copy of ``model`` on a batch of one.
+
+    ``op_handles`` maps operator names to fvcore counters, added to (or replacing) fvcore's defaults.
+    """
     measured = copy.deepcopy(model).eval()
     parameter = next(measured.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
     inputs = torch.zeros(1, *input_size, device=device, dtype=dtype)
-    analysis = FlopCountAnalysis(measured, inputs)
+    analysis = FlopCountAnalysis(measured, inputs).set_op_handle(**(op_handles or {}))
     analysis.unsupported_ops_warnings(False)
     analysis.uncalled_modules_warnings(False)
     analysis.tracer_warnings("none")
@@ -121,7 +133,9 @@ def build_macs_table(model: nn.Module, input_size: tuple[int, ...]) -> MacsTable
     by_module_open = count_macs(measured, input_size).by_module()
     closed = count_macs(force_gates(measured, "closed"), input_size)
     by_module_closed = closed.by_module()
-    router_macs = tuple(count_macs(block.router, shape).total() for (_, block), shape in zip(blocks, shapes))
+    router_macs = tuple(
+        count_macs(block.router, shape, _ROUTER_OP_HANDLES).total() for (_, block), shape in zip(blocks, shapes)
+    )
     routers_in_trace = sum(by_module_closed[f"{name}.router"] for name in names)
     return MacsTable(
         input_size=tuple(input_size),

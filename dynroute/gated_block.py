@@ -141,10 +141,18 @@ class GatedBlock(nn.Module):
             raise ValueError(f"execution must be one of {_EXECUTIONS}, but got {execution!r}")
         self.execution = execution
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(N, C_in, H, W) -> (N, C_out, H', W'), the block's output under this forward's gates."""
+    def forward(self, x: Tensor, reuse_input: bool = False) -> Tensor:
+        """(N, C_in, H, W) -> (N, C_out, H', W'), the block's output under this forward's gates.
+
+        Args:
+            x: the block input.
+            reuse_input: the caller gives ``x`` up: without autograd, sparse execution may write the
+                output into it instead of copying it (:class:`~dynroute.GatedSequential` passes True
+                for a tensor that only the stage holds). Default False: ``x`` is never modified.
+        """
         check_image_batch(x, "GatedBlock")
         adapter, router = self.adapter, self.router
+        reuse_input = reuse_input and not torch.is_grad_enabled()
         logits = router(x)
         shortcut = adapter.shortcut(self.block, x)
         if self.forced_gate is not None:
@@ -156,10 +164,10 @@ class GatedBlock(nn.Module):
         else:
             gate = hard_decision(logits)  # int64 0/1; last_gate converts it when read
             if self.execution == "sparse":
-                out = self._add_routed_residual(adapter, x, shortcut, gate)
+                out = self._add_routed_residual(adapter, x, shortcut, gate, reuse_input)
             else:
                 out = self._add_gated_residual(adapter, x, shortcut, gate)
-        if out is x:  # skipped identity block: an in-place activation must not touch the input
+        if out is x and not reuse_input:  # skipped identity block: an in-place activation must not touch the input
             out = x.clone()
         # Plain attributes, never parameters or modules: skip nn.Module.__setattr__'s registry checks,
         # which cost about as much as a small kernel launch on this per-block hot path.
@@ -177,17 +185,20 @@ class GatedBlock(nn.Module):
         residual = adapter.residual(self.block, x)
         return shortcut + gate.to(residual.dtype).view(-1, 1, 1, 1) * residual
 
-    def _add_routed_residual(self, adapter: BlockAdapter, x: Tensor, shortcut: Tensor, decision: Tensor) -> Tensor:
+    def _add_routed_residual(
+        self, adapter: BlockAdapter, x: Tensor, shortcut: Tensor, decision: Tensor, reuse_input: bool
+    ) -> Tensor:
         """``shortcut + F(x)`` for rows with decision 1, ``shortcut`` elsewhere; F runs on routed rows only.
 
         index_select / index_add are the cheapest gather and scatter measured on CPU (boolean-mask
         indexing, index_put_ and index_copy_ of the sum all cost more). Without autograd the sums are
         written in place into buffers this forward created (the branch output, a downsampling
-        shortcut), never into the block input; with autograd they are out of place.
+        shortcut), and into an identity shortcut, the block input, only if ``reuse_input``; with
+        autograd they are out of place.
         """
         inplace = not torch.is_grad_enabled()
         if x.shape[0] == 1:
-            if not bool(decision):
+            if not decision.item():
                 return self._skipped(shortcut)
             return _add(adapter.residual(self.block, x), shortcut, x, inplace)
         routed = decision.nonzero().squeeze(1)
@@ -198,7 +209,8 @@ class GatedBlock(nn.Module):
         # index_select and the out-of-place index_add return NCHW: keep a channels_last input channels_last.
         rows = x.index_select(0, routed).contiguous(memory_format=_memory_format(x))
         residual = adapter.residual(self.block, rows).to(shortcut.dtype)
-        out = shortcut if inplace and not _shares_memory(shortcut, x) else shortcut.clone()
+        writable = (shortcut is x and reuse_input) or not _shares_memory(shortcut, x)
+        out = shortcut if inplace and writable else shortcut.clone()
         return out.index_add_(0, routed, residual)
 
     def _skipped(self, shortcut: Tensor) -> Tensor:

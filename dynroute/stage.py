@@ -1,0 +1,58 @@
+"""A stage of gated blocks that hands each block's output to the next as scratch memory.
+
+In a plain ``nn.Sequential`` a gated block cannot know whether anyone else holds its input, so a
+skipped or partly routed block with an identity shortcut copies its input into a fresh output:
+one full pass over the activations that the dense network does not pay. Inside a stage the
+output of one gated block is seen by nobody but the next (unless a hook looks), so the next block
+may write its output into it. :func:`dynroute.convert_resnet` turns every ``nn.Sequential`` that
+holds gated blocks into a :class:`GatedSequential`, in place, the way
+``torch.nn.utils.parametrize`` swaps a module's class: same object, children, hooks and
+``state_dict`` keys.
+"""
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules import module as nn_module
+
+from dynroute.gated_block import GatedBlock
+
+__all__ = ["GatedSequential", "adopt_stage"]
+
+
+def _has_forward_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` or any module inside it has a forward or forward-pre hook."""
+    if module._forward_hooks or module._forward_pre_hooks:
+        return True
+    return any(child is not None and _has_forward_hooks(child) for child in module._modules.values())
+
+
+class GatedSequential(nn.Sequential):
+    """``nn.Sequential`` whose gated blocks may reuse the previous gated block's output buffer.
+
+    Block ``k`` gets ``reuse_input=True`` when its input is a tensor gated block ``k - 1`` created in
+    this forward, autograd is off, and no forward or forward-pre hook (global, on either block or
+    on anything inside them) could have kept a reference to it. The stage's own input is never
+    written to. Outputs are those of ``nn.Sequential``.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, C, H, W) -> the output of the last module, as ``nn.Sequential`` computes it."""
+        private = False  # x is a buffer only this loop holds
+        scratch_allowed = not (
+            torch.is_grad_enabled() or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
+        )
+        for module in self:
+            if not (scratch_allowed and isinstance(module, GatedBlock)):
+                x, private = module(x), False
+                continue
+            unhooked = not _has_forward_hooks(module)
+            output = module(x, reuse_input=private and unhooked)
+            private = unhooked and (private or output is not x)
+            x = output
+        return x
+
+
+def adopt_stage(stage: nn.Module) -> None:
+    """Make a plain ``nn.Sequential`` a :class:`GatedSequential` in place; any other module is left alone."""
+    if type(stage) is nn.Sequential:
+        stage.__class__ = GatedSequential

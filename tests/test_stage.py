@@ -1,0 +1,130 @@
+import copy
+
+import pytest
+import timm
+import torch
+import torchvision
+from routed_models import images, routed_model
+from torch import nn
+
+import dynroute
+from dynroute import GatedBlock, GatedSequential
+from dynroute.models import CifarResNet
+
+
+@pytest.fixture
+def reuse_flags(monkeypatch):
+    """The ``reuse_input`` each gated block is called with, in call order; tests clear it before their forward."""
+    flags: list[bool] = []
+    forward = GatedBlock.forward
+
+    def recording_forward(self, x, reuse_input=False):
+        flags.append(reuse_input)
+        return forward(self, x, reuse_input)
+
+    monkeypatch.setattr(GatedBlock, "forward", recording_forward)
+    return flags
+
+
+def _plain_stages(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose stages are plain ``nn.Sequential``: no block reuses a buffer."""
+    plain = copy.deepcopy(model)
+    for module in plain.modules():
+        if type(module) is GatedSequential:
+            module.__class__ = nn.Sequential
+    return plain
+
+
+class TestConversion:
+    @pytest.mark.parametrize(
+        "make",
+        [lambda: timm.create_model("resnet18"), lambda: torchvision.models.resnet18(), lambda: CifarResNet(2)],
+        ids=["timm", "torchvision", "cifar"],
+    )
+    def test_stages_become_gated_sequential_in_place(self, make):
+        model = make()
+        stage, downsample = model.layer2, model.layer2[0].downsample if hasattr(model.layer2[0], "downsample") else None
+        keys = list(model.state_dict())
+        dynroute.convert_resnet(model, input_size=(3, 32, 32))
+        assert model.layer2 is stage and type(stage) is GatedSequential
+        if downsample is not None:  # a Sequential without gated blocks stays what it was
+            assert type(downsample) is nn.Sequential
+        assert [key for key in model.state_dict() if ".router." not in key] == keys
+
+
+class TestScratchBuffers:
+    def test_outputs_equal_plain_stages_and_per_sample_forwards(self):
+        model, x = routed_model(blocks_per_stage=3), images(64)
+        with torch.inference_mode():
+            logits = model(x)
+            rates = dynroute.routing_paths(model).mean(0)
+            plain = _plain_stages(model)(x)
+            per_sample = torch.cat([model(x[i : i + 1]) for i in range(len(x))])
+        assert ((rates > 0) & (rates < 1)).sum() >= 6, "most blocks must route part of the batch"
+        torch.testing.assert_close(logits, plain, rtol=0, atol=1e-6)
+        torch.testing.assert_close(logits, per_sample, rtol=1e-5, atol=1e-5)
+
+    def test_every_block_after_the_first_of_a_stage_reuses_its_input(self, reuse_flags):
+        model = routed_model(blocks_per_stage=3)
+        reuse_flags.clear()
+        with torch.inference_mode():
+            model(images(8))
+        assert reuse_flags == [False, True, True] * 3
+
+    def test_reuse_without_autograd_only(self, reuse_flags):
+        model = routed_model(blocks_per_stage=3)
+        reuse_flags.clear()
+        with torch.no_grad():
+            model(images(8))
+        assert reuse_flags == [False, True, True] * 3
+        reuse_flags.clear()
+        model(images(8))  # eval mode with autograd on: the input may be needed for the backward pass
+        assert reuse_flags == [False] * 9
+
+    def test_hooked_blocks_neither_reuse_nor_hand_on_their_output(self, reuse_flags):
+        model, x = routed_model(blocks_per_stage=3), images(64)
+        seen = []
+
+        def keep(module, args, output=None):
+            tensor = args[0] if output is None else output
+            seen.append((tensor, tensor.clone()))
+
+        model.layer1[1].register_forward_hook(keep)  # sees layer1.1's output, layer1.2's input
+        model.layer2[2].router.register_forward_pre_hook(keep)  # sees layer2.2's input
+        model.layer3.register_forward_pre_hook(keep)  # the stage's own input
+        reuse_flags.clear()
+        with torch.inference_mode():
+            model(x)
+        assert reuse_flags == [False, False, False, False, True, False, False, True, True]
+        for tensor, copied in seen:
+            assert torch.equal(tensor, copied), "a tensor a hook kept was overwritten"
+
+    def test_global_hooks_turn_reuse_off(self, reuse_flags):
+        model = routed_model(blocks_per_stage=2)
+        handle = nn.modules.module.register_module_forward_hook(lambda module, args, output: None)
+        reuse_flags.clear()
+        try:
+            with torch.inference_mode():
+                model(images(8))
+        finally:
+            handle.remove()
+        assert reuse_flags == [False] * 6
+
+    def test_an_ungated_block_in_between_breaks_the_chain(self, reuse_flags):
+        model = dynroute.convert_resnet(
+            CifarResNet(3), input_size=(3, 32, 32), blocks=lambda name, _: name != "layer1.1"
+        ).eval()
+        reuse_flags.clear()
+        with torch.inference_mode():
+            model(images(4))
+        assert reuse_flags == [False, False] + [False, True, True] * 2
+
+    def test_the_stage_input_is_never_written(self):
+        model, x = routed_model(blocks_per_stage=3), images(64)
+        seen = []
+        model.layer1.register_forward_pre_hook(lambda module, args: seen.append((args[0], args[0].clone())))
+        with torch.inference_mode():
+            model(x)
+        assert all(0 < block.last_gate.mean().item() < 1 for block in model.layer1), "every block must route some rows"
+        ((stage_input, copied),) = seen
+        assert torch.equal(stage_input, copied)
