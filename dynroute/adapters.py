@@ -13,6 +13,7 @@ To teach the converter a new block::
         shortcut=lambda b, x: x if b.down is None else b.down(x),
         activation=lambda b, x: b.act(x),
         in_channels=lambda b: b.conv1.in_channels,
+        final_activation=lambda b: b.act,  # optional: lets sparse execution recognise a ReLU
     ))
 """
 
@@ -37,12 +38,17 @@ class BlockAdapter:
         shortcut: ``(block, x) -> x`` or its downsampling, same shape as ``residual``.
         activation: ``(block, y) -> act(y)``, applied after the sum (identity if none).
         in_channels: ``block -> C_in``, the channels the router sees.
+        final_activation: ``block -> module`` that ``activation`` applies, if it is one (optional).
+            When it is an ``nn.ReLU`` in two consecutive gated blocks of a stage, sparse execution
+            leaves the rows the second skips as they are instead of applying the ReLU to its
+            input again (``relu(relu(y)) == relu(y)``).
     """
 
     residual: Callable[[nn.Module, Tensor], Tensor]
     shortcut: Callable[[nn.Module, Tensor], Tensor]
     activation: Callable[[nn.Module, Tensor], Tensor]
     in_channels: Callable[[nn.Module], int]
+    final_activation: Callable[[nn.Module], nn.Module] | None = None
 
 
 _REGISTRY: dict[type[nn.Module], BlockAdapter] = {}
@@ -113,30 +119,29 @@ def _cifar_shortcut(block: CifarBasicBlock, x: Tensor) -> Tensor:
     return block.shortcut(x)
 
 
-def _act2(block: nn.Module, x: Tensor) -> Tensor:
-    return block.act2(x)
+def _final_activation(name: str) -> tuple[Callable[[nn.Module, Tensor], Tensor], Callable[[nn.Module], nn.Module]]:
+    """``(activation, final_activation)`` of a block whose final activation is its child ``name``."""
+
+    def module(block: nn.Module) -> nn.Module:
+        return getattr(block, name)
+
+    def activation(block: nn.Module, x: Tensor) -> Tensor:
+        return getattr(block, name)(x)
+
+    return activation, module
 
 
-def _act3(block: nn.Module, x: Tensor) -> Tensor:
-    return block.act3(x)
+def _adapter(
+    residual: Callable[[nn.Module, Tensor], Tensor],
+    shortcut: Callable[[nn.Module, Tensor], Tensor],
+    final_activation: str,
+) -> BlockAdapter:
+    activation, module = _final_activation(final_activation)
+    return BlockAdapter(residual, shortcut, activation, _conv1_in_channels, final_activation=module)
 
 
-def _relu(block: nn.Module, x: Tensor) -> Tensor:
-    return block.relu(x)
-
-
-def _act(block: nn.Module, x: Tensor) -> Tensor:
-    return block.act(x)
-
-
-register_block(
-    timm_resnet.BasicBlock, BlockAdapter(_timm_basic_residual, _downsample_shortcut, _act2, _conv1_in_channels)
-)
-register_block(
-    timm_resnet.Bottleneck, BlockAdapter(_timm_bottleneck_residual, _downsample_shortcut, _act3, _conv1_in_channels)
-)
-register_block(tv_resnet.BasicBlock, BlockAdapter(_tv_basic_residual, _downsample_shortcut, _relu, _conv1_in_channels))
-register_block(
-    tv_resnet.Bottleneck, BlockAdapter(_tv_bottleneck_residual, _downsample_shortcut, _relu, _conv1_in_channels)
-)
-register_block(CifarBasicBlock, BlockAdapter(_cifar_basic_residual, _cifar_shortcut, _act, _conv1_in_channels))
+register_block(timm_resnet.BasicBlock, _adapter(_timm_basic_residual, _downsample_shortcut, "act2"))
+register_block(timm_resnet.Bottleneck, _adapter(_timm_bottleneck_residual, _downsample_shortcut, "act3"))
+register_block(tv_resnet.BasicBlock, _adapter(_tv_basic_residual, _downsample_shortcut, "relu"))
+register_block(tv_resnet.Bottleneck, _adapter(_tv_bottleneck_residual, _downsample_shortcut, "relu"))
+register_block(CifarBasicBlock, _adapter(_cifar_basic_residual, _cifar_shortcut, "act"))

@@ -141,7 +141,13 @@ class GatedBlock(nn.Module):
             raise ValueError(f"execution must be one of {_EXECUTIONS}, but got {execution!r}")
         self.execution = execution
 
-    def forward(self, x: Tensor, reuse_input: bool = False) -> Tensor:
+    @property
+    def ends_with_relu(self) -> bool:
+        """Whether the block's final activation is an ``nn.ReLU`` (known if its adapter names the module)."""
+        final_activation = self.adapter.final_activation
+        return final_activation is not None and type(final_activation(self.block)) is nn.ReLU
+
+    def forward(self, x: Tensor, reuse_input: bool = False, relu_input: bool = False) -> Tensor:
         """(N, C_in, H, W) -> (N, C_out, H', W'), the block's output under this forward's gates.
 
         Args:
@@ -149,12 +155,16 @@ class GatedBlock(nn.Module):
             reuse_input: the caller gives ``x`` up: without autograd, sparse execution may write the
                 output into it instead of copying it (:class:`~dynroute.GatedSequential` passes True
                 for a tensor that only the stage holds). Default False: ``x`` is never modified.
+            relu_input: ``x`` is the output of an ``nn.ReLU``. With ``reuse_input``, an identity
+                shortcut and a final ``nn.ReLU`` (:attr:`ends_with_relu`), the rows the block skips
+                are left as they are, since the ReLU would not change them.
         """
         check_image_batch(x, "GatedBlock")
         adapter, router = self.adapter, self.router
         reuse_input = reuse_input and not torch.is_grad_enabled()
         logits = router(x)
         shortcut = adapter.shortcut(self.block, x)
+        activated = False  # whether out already went through the final activation
         if self.forced_gate is not None:
             gate = logits.new_full((x.shape[0],), float(self.forced_gate == "open"), dtype=torch.float32)
             out = shortcut + adapter.residual(self.block, x) if self.forced_gate == "open" else shortcut
@@ -163,16 +173,18 @@ class GatedBlock(nn.Module):
             out = self._add_gated_residual(adapter, x, shortcut, gate)
         else:
             gate = hard_decision(logits)  # int64 0/1; last_gate converts it when read
-            if self.execution == "sparse":
-                out = self._add_routed_residual(adapter, x, shortcut, gate, reuse_input)
-            else:
+            if self.execution == "masked":
                 out = self._add_gated_residual(adapter, x, shortcut, gate)
+            elif reuse_input and relu_input and shortcut is x and self.ends_with_relu:
+                out, activated = self._route_into_relu_input(adapter, x, gate), True
+            else:
+                out = self._add_routed_residual(adapter, x, shortcut, gate, reuse_input)
         if out is x and not reuse_input:  # skipped identity block: an in-place activation must not touch the input
             out = x.clone()
         # Plain attributes, never parameters or modules: skip nn.Module.__setattr__'s registry checks,
         # which cost about as much as a small kernel launch on this per-block hot path.
         self.__dict__.update(_last_gate=gate, last_logits=logits, last_input_shape=x.shape)
-        return adapter.activation(self.block, out)
+        return out if activated else adapter.activation(self.block, out)
 
     @property
     def last_gate(self) -> Tensor | None:
@@ -212,6 +224,27 @@ class GatedBlock(nn.Module):
         writable = (shortcut is x and reuse_input) or not _shares_memory(shortcut, x)
         out = shortcut if inplace and writable else shortcut.clone()
         return out.index_add_(0, routed, residual)
+
+    def _route_into_relu_input(self, adapter: BlockAdapter, x: Tensor, decision: Tensor) -> Tensor:
+        """The block's output (activation included) written into ``x``, a ReLU output of an identity block.
+
+        Routed rows become ``relu(x + F(x))``; skipped rows keep ``x``, which equals ``relu(x)``: no pass
+        over them at all. Only without autograd, on a tensor the caller gave up.
+        """
+        if x.shape[0] == 1:
+            return (
+                adapter.activation(self.block, _add(adapter.residual(self.block, x), x, x, True))
+                if decision.item()
+                else x
+            )
+        routed = decision.nonzero().squeeze(1)
+        if routed.numel() == 0:
+            return x
+        if routed.numel() == x.shape[0]:
+            return adapter.activation(self.block, _add(adapter.residual(self.block, x), x, x, True))
+        rows = x.index_select(0, routed).contiguous(memory_format=_memory_format(x))
+        residual = adapter.residual(self.block, rows).to(x.dtype)
+        return x.index_copy_(0, routed, adapter.activation(self.block, _add(residual, rows, rows, True)))
 
     def _skipped(self, shortcut: Tensor) -> Tensor:
         """``shortcut`` for a branch no sample runs; in training, joined to the branch's parameters by a zero.

@@ -4,7 +4,8 @@ In a plain ``nn.Sequential`` a gated block cannot know whether anyone else holds
 skipped or partly routed block with an identity shortcut copies its input into a fresh output:
 one full pass over the activations that the dense network does not pay. Inside a stage the
 output of one gated block is seen by nobody but the next (unless a hook looks), so the next block
-may write its output into it. :func:`dynroute.convert_resnet` turns every ``nn.Sequential`` that
+may write its output into it; when both end with a ReLU, the rows the next block skips are
+already their own ReLU and need no pass at all. :func:`dynroute.convert_resnet` turns every ``nn.Sequential`` that
 holds gated blocks into a :class:`GatedSequential`, in place, the way
 ``torch.nn.utils.parametrize`` swaps a module's class: same object, children, hooks and
 ``state_dict`` keys.
@@ -31,23 +32,26 @@ class GatedSequential(nn.Sequential):
 
     Block ``k`` gets ``reuse_input=True`` when its input is a tensor gated block ``k - 1`` created in
     this forward, autograd is off, and no forward or forward-pre hook (global, on either block or
-    on anything inside them) could have kept a reference to it. The stage's own input is never
-    written to. Outputs are those of ``nn.Sequential``.
+    on anything inside them) could have kept a reference to it; and ``relu_input=True`` when block
+    ``k - 1`` ends with an ``nn.ReLU``. The stage's own input is never written to. Outputs are
+    those of ``nn.Sequential``.
     """
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, C, H, W) -> the output of the last module, as ``nn.Sequential`` computes it."""
         private = False  # x is a buffer only this loop holds
+        relu_output = False  # x came out of an nn.ReLU
         scratch_allowed = not (
             torch.is_grad_enabled() or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
         )
         for module in self:
             if not (scratch_allowed and isinstance(module, GatedBlock)):
-                x, private = module(x), False
+                x, private, relu_output = module(x), False, False
                 continue
             unhooked = not _has_forward_hooks(module)
-            output = module(x, reuse_input=private and unhooked)
+            output = module(x, reuse_input=private and unhooked, relu_input=relu_output)
             private = unhooked and (private or output is not x)
+            relu_output = module.ends_with_relu
             x = output
         return x
 

@@ -4,7 +4,7 @@ import pytest
 import timm
 import torch
 import torchvision
-from routed_models import images, routed_model
+from routed_models import centre_routers, images, routed_model
 from torch import nn
 
 import dynroute
@@ -12,18 +12,39 @@ from dynroute import GatedBlock, GatedSequential
 from dynroute.models import CifarResNet
 
 
-@pytest.fixture
-def reuse_flags(monkeypatch):
-    """The ``reuse_input`` each gated block is called with, in call order; tests clear it before their forward."""
+def _record_flags(monkeypatch, flag: str) -> list[bool]:
+    """The value of keyword ``flag`` each gated block is called with, in call order."""
     flags: list[bool] = []
     forward = GatedBlock.forward
 
-    def recording_forward(self, x, reuse_input=False):
-        flags.append(reuse_input)
-        return forward(self, x, reuse_input)
+    def recording_forward(self, x, **kwargs):
+        flags.append(kwargs.get(flag, False))
+        return forward(self, x, **kwargs)
 
     monkeypatch.setattr(GatedBlock, "forward", recording_forward)
     return flags
+
+
+@pytest.fixture
+def reuse_flags(monkeypatch):
+    """The ``reuse_input`` each gated block is called with, in call order; tests clear it before their forward."""
+    return _record_flags(monkeypatch, "reuse_input")
+
+
+@pytest.fixture
+def relu_flags(monkeypatch):
+    """The ``relu_input`` each gated block is called with, in call order; tests clear it before their forward."""
+    return _record_flags(monkeypatch, "relu_input")
+
+
+def _random_batchnorm(model: nn.Module) -> nn.Module:
+    for bn in model.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.running_mean.normal_(0, 0.1)
+            bn.running_var.uniform_(0.5, 1.5)
+            bn.weight.data.uniform_(0.25, 0.75)
+            bn.bias.data.normal_(0, 0.1)
+    return model
 
 
 def _plain_stages(model: nn.Module) -> nn.Module:
@@ -128,3 +149,53 @@ class TestScratchBuffers:
         assert all(0 < block.last_gate.mean().item() < 1 for block in model.layer1), "every block must route some rows"
         ((stage_input, copied),) = seen
         assert torch.equal(stage_input, copied)
+
+
+class TestReluInputs:
+    """Rows a block skips are left as they are when its input came out of a ReLU and it ends with one."""
+
+    @pytest.mark.parametrize(
+        "make",
+        [lambda: timm.create_model("resnet26"), lambda: torchvision.models.resnet18(), lambda: CifarResNet(3)],
+        ids=["timm-bottleneck", "torchvision-basic", "cifar"],
+    )
+    def test_outputs_equal_masked_plain_stages_and_per_sample(self, make, relu_flags):
+        torch.manual_seed(0)
+        model = dynroute.convert_resnet(_random_batchnorm(make()), input_size=(3, 32, 32)).eval()
+        x = images(32)
+        centre_routers(model, x)
+        relu_flags.clear()
+        with torch.inference_mode():
+            logits = model(x)
+            rates = dynroute.routing_paths(model).mean(0)
+            masked = dynroute.set_execution(copy.deepcopy(model), "masked")(x)
+            plain = _plain_stages(model)(x)
+            per_sample = torch.cat([model(x[i : i + 1]) for i in range(len(x))])
+        assert any(relu_flags), "some block must take the ReLU-input path"
+        assert ((rates > 0) & (rates < 1)).any(), "some block must route part of the batch"
+        torch.testing.assert_close(logits, masked, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits, plain, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits, per_sample, rtol=1e-5, atol=1e-5)
+
+    def test_relu_input_follows_the_previous_blocks_activation(self, relu_flags):
+        model = routed_model(blocks_per_stage=3)
+        relu_flags.clear()
+        with torch.inference_mode():
+            model(images(8))
+        assert relu_flags == [False, True, True] * 3
+        assert all(block.ends_with_relu for _, block in dynroute.gated_blocks(model))
+
+    def test_other_activations_are_applied_to_every_row(self):
+        torch.manual_seed(0)
+        original = CifarResNet(3)
+        for block in original.modules():
+            if isinstance(block, dynroute.models.CifarBasicBlock):
+                block.act = nn.LeakyReLU(0.1)  # leaky_relu(leaky_relu(y)) != leaky_relu(y) for y < 0
+        model = dynroute.convert_resnet(_random_batchnorm(original), input_size=(3, 32, 32)).eval()
+        x = images(32)
+        centre_routers(model, x)
+        with torch.inference_mode():
+            logits = model(x)
+            masked = dynroute.set_execution(copy.deepcopy(model), "masked")(x)
+        assert not any(block.ends_with_relu for _, block in dynroute.gated_blocks(model))
+        torch.testing.assert_close(logits, masked, rtol=1e-5, atol=1e-5)
