@@ -5,8 +5,8 @@ skipped or partly routed block with an identity shortcut copies its input into a
 one full pass over the activations that the dense network does not pay. Inside a stage the
 output of one gated block is seen by nobody but the next (unless a hook looks), so the next block
 may write its output into it; when both end with a ReLU, the rows the next block skips are
-already their own ReLU and need no pass at all. :func:`dynroute.convert_resnet` turns every ``nn.Sequential`` that
-holds gated blocks into a :class:`GatedSequential`, in place, the way
+already their own ReLU and need no pass at all. :func:`dynroute.convert_resnet` turns every
+``nn.Sequential`` that holds gated blocks into a :class:`GatedSequential`, in place, the way
 ``torch.nn.utils.parametrize`` swaps a module's class: same object, children, hooks and
 ``state_dict`` keys.
 """
