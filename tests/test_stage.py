@@ -199,3 +199,35 @@ class TestReluInputs:
             masked = dynroute.set_execution(copy.deepcopy(model), "masked")(x)
         assert not any(block.ends_with_relu for _, block in dynroute.gated_blocks(model))
         torch.testing.assert_close(logits, masked, rtol=1e-5, atol=1e-5)
+
+
+class TestWithOtherLayoutsAndPrecisions:
+    """Buffer reuse keeps channels_last and autocast behaving as in plain stages."""
+
+    def test_channels_last_stays_channels_last(self, reuse_flags):
+        model, x = routed_model(blocks_per_stage=3), images(32)
+        with torch.no_grad():
+            expected = _plain_stages(model)(x)
+        model.to(memory_format=torch.channels_last)
+        stage_outputs = []
+        for stage in (model.layer1, model.layer2, model.layer3):  # hooks on a stage leave reuse on
+            stage.register_forward_hook(lambda module, args, output: stage_outputs.append(output))
+        reuse_flags.clear()
+        with torch.no_grad():
+            logits = model(x.to(memory_format=torch.channels_last))
+        assert reuse_flags == [False, True, True] * 3
+        assert all(out.is_contiguous(memory_format=torch.channels_last) for out in stage_outputs)
+        torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+    def test_autocast_matches_plain_stages(self, reuse_flags):
+        model, x = routed_model(blocks_per_stage=3), images(32)
+        plain = _plain_stages(model)
+        reuse_flags.clear()
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(x)
+            paths = dynroute.routing_paths(model)
+            expected = plain(x)
+            expected_paths = dynroute.routing_paths(plain)
+        assert reuse_flags[:9] == [False, True, True] * 3
+        assert torch.equal(paths, expected_paths)
+        torch.testing.assert_close(logits, expected, rtol=1e-2, atol=1e-2)
