@@ -175,7 +175,14 @@ class GatedBlock(nn.Module):
             gate = hard_decision(logits)  # int64 0/1; last_gate converts it when read
             if self.execution == "masked":
                 out = self._add_gated_residual(adapter, x, shortcut, gate)
-            elif reuse_input and relu_input and shortcut is x and self.ends_with_relu:
+            elif (
+                reuse_input
+                and relu_input
+                and shortcut is x
+                and self.ends_with_relu
+                and not torch.compiler.is_compiling()
+            ):
+                # (dynamo does not trace index_copy_ into the block input: under torch.compile the add path runs)
                 out, activated = self._route_into_relu_input(adapter, x, gate), True
             else:
                 out = self._add_routed_residual(adapter, x, shortcut, gate, reuse_input)

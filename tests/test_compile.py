@@ -4,6 +4,8 @@ The tests use the ``aot_eager`` backend (dynamo's tracing and AOT autograd witho
 slow C++ code generation): graph breaks and recompilations come from dynamo, whatever the backend.
 """
 
+import warnings
+
 import pytest
 import torch
 from routed_models import images, routed_model
@@ -105,6 +107,9 @@ class TestEval:
         with torch.no_grad():
             expected = [model(x) for x in batches]
         compiled = torch.compile(model, backend="aot_eager")
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             for x, reference in zip(batches, expected):
                 torch.testing.assert_close(compiled(x), reference, rtol=1e-5, atol=1e-5)
+        untraceable = [str(w.message) for w in caught if "Dynamo does not know how to trace" in str(w.message)]
+        assert not untraceable, untraceable
