@@ -231,3 +231,22 @@ class TestWithOtherLayoutsAndPrecisions:
         assert reuse_flags[:9] == [False, True, True] * 3
         assert torch.equal(paths, expected_paths)
         torch.testing.assert_close(logits, expected, rtol=1e-2, atol=1e-2)
+
+
+class TestFeatureExtraction:
+    def test_timm_feature_maps_are_those_of_plain_stages(self):
+        """features_only returns every stage's output: the next stage's first block must not write into it."""
+        torch.manual_seed(0)
+        model = timm.create_model("resnet26", features_only=True).eval()
+        model = dynroute.convert_resnet(_random_batchnorm(model), input_size=(3, 64, 64)).eval()
+        x = images(16, size=64)
+        centre_routers(model, x)
+        with torch.inference_mode():
+            features = model(x)
+            rates = dynroute.routing_paths(model).mean(0)
+            plain = _plain_stages(model)(x)
+            masked = dynroute.set_execution(copy.deepcopy(model), "masked")(x)
+        assert ((rates > 0) & (rates < 1)).any(), "some block must route part of the batch"
+        for got, expected, reference in zip(features, plain, masked, strict=True):
+            assert torch.equal(got, expected)
+            torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)
