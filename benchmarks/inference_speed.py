@@ -5,7 +5,10 @@ execution (skipped blocks not computed) and the routed network with masked execu
 computed, then mixed by the 0/1 gate, as other implementations do) run side by side in one process.
 The routers run as usual, so their time is part of the routed cost, but their decisions are
 overridden by fixed random ones: each sample runs ``round(rate * n_blocks)`` blocks drawn at random
-(seeded), so every row measures the rate it names. Printed per (model, batch, rate, execution):
+(seeded), so every row measures the rate it names. A batch of one holds one path, and blocks of
+equal MACs take different times (a stage-1 block of the CIFAR ResNet about twice a stage-3 one), so
+a batch-1 row times ``--batch1-draws`` single-image forwards per call, each image with its own
+path; the times are per forward. Printed per (model, batch, rate, execution):
 
 - MAC ratio: routed / dense MACs of those decisions, from :func:`dynroute.sample_macs` and the MAC
   table (routers included); the masked rows show the same promised ratio, which they do not cash;
@@ -59,13 +62,20 @@ MODELS: dict[str, ModelSpec] = {
     "resnet26": ModelSpec(lambda: timm.create_model("resnet26"), (3, 64, 64), (1, 4)),
     "cifar_resnet20": ModelSpec(dynroute.models.resnet20, (3, 32, 32), (1, 8)),
 }
-FULL_DEFAULTS = {"models": ["resnet50", "cifar_resnet110"], "repeats": 11, "warmup": 2, "min_time": 0.1}
+FULL_DEFAULTS = {
+    "models": ["resnet50", "cifar_resnet110"],
+    "repeats": 11,
+    "warmup": 2,
+    "min_time": 0.1,
+    "batch1_draws": 8,
+}
 QUICK_DEFAULTS = {
     "models": ["resnet26", "cifar_resnet20"],
     "repeats": 3,
     "warmup": 1,
     "min_time": 0.0,
     "image_size": 32,
+    "batch1_draws": 2,
 }
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 TARGET_BATCH_1 = 0.85
@@ -235,9 +245,20 @@ def build_networks(spec: ModelSpec, generator: torch.Generator) -> tuple[nn.Modu
     return dense, {execution: dynroute.set_execution(copy.deepcopy(routed), execution) for execution in EXECUTIONS}
 
 
-def _run_routed(network: nn.Module, override: FixedDecisions, logits: list[Tensor], images: Tensor) -> Tensor:
-    override.logits = logits
-    return network(images)
+def _run_dense(network: nn.Module, images: list[Tensor]) -> Tensor:
+    """Logits of one forward per batch of ``images``, concatenated."""
+    return torch.cat([network(batch) for batch in images])
+
+
+def _run_routed(
+    network: nn.Module, override: FixedDecisions, logits: list[list[Tensor]], images: list[Tensor]
+) -> Tensor:
+    """Logits of one forward per batch of ``images``, each under its own fixed decisions, concatenated."""
+    outputs = []
+    for batch_logits, batch in zip(logits, images):
+        override.logits = batch_logits
+        outputs.append(network(batch))
+    return torch.cat(outputs)
 
 
 def benchmark_model(
@@ -246,8 +267,12 @@ def benchmark_model(
     rates: Sequence[float],
     options: TimingOptions,
     seed: int,
+    batch1_draws: int = 1,
 ) -> list[Row]:
-    """Rows for every (batch, rate, execution) of one model; dense and routed share weights."""
+    """Rows for every (batch, rate, execution) of one model; dense and routed share weights.
+
+    At batch 1 each timed call runs ``batch1_draws`` forwards, each image with its own decisions.
+    """
     generator = torch.Generator().manual_seed(seed)
     dense, networks = build_networks(spec, generator)
     dense, networks = dense.to(options.device), {key: net.to(options.device) for key, net in networks.items()}
@@ -255,11 +280,14 @@ def benchmark_model(
     table = dynroute.macs_table(networks["sparse"])
     rows = []
     for batch in spec.batches:
-        images = torch.randn(batch, *spec.input_size, generator=generator).to(options.device)
-        decisions = {rate: random_decisions(batch, table.num_blocks, rate, generator) for rate in rates}
-        variants: dict[str, Callable[[], Tensor]] = {"dense": partial(dense, images)}
+        draws = batch1_draws if batch == 1 else 1
+        images = [torch.randn(batch, *spec.input_size, generator=generator).to(options.device) for _ in range(draws)]
+        decisions = {rate: random_decisions(batch * draws, table.num_blocks, rate, generator) for rate in rates}
+        variants: dict[str, Callable[[], Tensor]] = {"dense": partial(_run_dense, dense, images)}
         for rate in rates:
-            logits = [tensor.to(options.device) for tensor in decision_logits(decisions[rate])]
+            logits = [
+                [tensor.to(options.device) for tensor in decision_logits(draw)] for draw in decisions[rate].split(batch)
+            ]
             for execution in EXECUTIONS:
                 network, override = networks[execution], overrides[execution]
                 variants[f"{execution}@{rate}"] = partial(_run_routed, network, override, logits, images)
@@ -276,8 +304,8 @@ def benchmark_model(
                         batch=batch,
                         rate=rate,
                         execution=execution,
-                        dense_ms=1e3 * statistics.median(times["dense"]),
-                        routed_ms=1e3 * statistics.median(times[key]),
+                        dense_ms=1e3 * statistics.median(times["dense"]) / draws,
+                        routed_ms=1e3 * statistics.median(times[key]) / draws,
                         macs_ratio=macs_ratio(decisions[rate], table),
                         time_ratio=_paired_median_ratio(times[key], times["dense"]),
                         max_abs_diff=diff,
@@ -340,6 +368,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--batch1-draws",
+        type=positive,
+        help="single-image forwards per timed call at batch 1, each with its own random path; default 8",
+    )
+    parser.add_argument(
         "--malloc",
         choices=("default", "keep"),
         default="default",
@@ -389,13 +422,14 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     print(
         f"torch {torch.__version__}, {options.device}, {torch.get_num_threads()} threads, "
         f"{platform.processor() or platform.machine()}, malloc {args.malloc}, "
-        f"{args.clock} clock; median of {args.repeats} interleaved repeats",
+        f"{args.clock} clock; median of {args.repeats} interleaved repeats; "
+        f"batch 1: {args.batch1_draws} single-image forwards per call, each with its own path",
         flush=True,
     )
     specs = selected_models(args)
     rows = []
     for name, spec in specs.items():
-        rows += benchmark_model(name, spec, args.rates, options, args.seed)
+        rows += benchmark_model(name, spec, args.rates, options, args.seed, args.batch1_draws)
     print(format_rows(rows, {name: spec.input_size for name, spec in specs.items()}))
     return rows
 

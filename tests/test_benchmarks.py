@@ -73,6 +73,26 @@ class TestQuickRun:
 class TestFixedDecisions:
     """The hooks impose the drawn decisions, with sparse and masked execution alike."""
 
+    def test_batch_one_draws_run_each_image_on_its_own_path(self, networks):
+        _, routed, input_size = networks
+        model = routed["sparse"]
+        decisions = bench.random_decisions(3, dynroute.macs_table(model).num_blocks, 0.5, torch.Generator())
+        images = [torch.randn(1, *input_size) for _ in range(3)]
+        paths = []
+        handle = model.register_forward_hook(lambda module, args, output: paths.append(dynroute.routing_paths(module)))
+        override = bench.FixedDecisions(model)
+        try:
+            with torch.inference_mode():
+                logits = [bench.decision_logits(draw) for draw in decisions.split(1)]
+                out = bench._run_routed(model, override, logits, images)
+        finally:
+            override.remove()
+            handle.remove()
+        assert len({tuple(row.tolist()) for row in decisions}) == 3, "three different paths"
+        torch.testing.assert_close(torch.cat(paths), decisions)
+        expected = torch.cat([_forward(model, draw, image)[0] for draw, image in zip(decisions.split(1), images)])
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
     def test_paths_are_the_decisions_and_sparse_equals_masked(self, networks):
         _, routed, input_size = networks
         images = torch.randn(6, *input_size)
