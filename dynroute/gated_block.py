@@ -63,6 +63,19 @@ def _add(residual: Tensor, shortcut: Tensor, x: Tensor, inplace: bool) -> Tensor
     return shortcut + residual
 
 
+def _routed_rows(decision: Tensor) -> tuple[int, Tensor | None]:
+    """How many rows a 0/1 decision (N,) runs, and their indices; a batch of one is a plain ``if``, no indices."""
+    if decision.shape[0] == 1:
+        return int(decision.item()), None
+    routed = decision.nonzero().squeeze(1)
+    return routed.numel(), routed
+
+
+def _gather(x: Tensor, routed: Tensor) -> Tensor:
+    """The rows ``routed`` of x, in x's memory format (index_select returns NCHW, even for channels_last)."""
+    return x.index_select(0, routed).contiguous(memory_format=_memory_format(x))
+
+
 class GatedBlock(nn.Module):
     """Wrap ``block`` with a router gating its residual branch.
 
@@ -209,17 +222,12 @@ class GatedBlock(nn.Module):
         autograd they are out of place.
         """
         inplace = not torch.is_grad_enabled()
-        if x.shape[0] == 1:
-            if not decision.item():
-                return self._skipped(shortcut)
+        count, routed = _routed_rows(decision)
+        if count == x.shape[0]:
             return _add(adapter.residual(self.block, x), shortcut, x, inplace)
-        routed = decision.nonzero().squeeze(1)
-        if routed.numel() == x.shape[0]:
-            return _add(adapter.residual(self.block, x), shortcut, x, inplace)
-        if routed.numel() == 0:
+        if count == 0:
             return self._skipped(shortcut)
-        # index_select and the out-of-place index_add return NCHW: keep a channels_last input channels_last.
-        rows = x.index_select(0, routed).contiguous(memory_format=_memory_format(x))
+        rows = _gather(x, routed)
         residual = adapter.residual(self.block, rows).to(shortcut.dtype)
         writable = (shortcut is x and reuse_input) or not _shares_memory(shortcut, x)
         out = shortcut if inplace and writable else shortcut.clone()
@@ -234,18 +242,12 @@ class GatedBlock(nn.Module):
         ``relu(x + F(x))`` bit for bit, and ``index_add_`` is 2-3 times faster than ``index_copy_``
         here (which torch.compile cannot trace into the block input either).
         """
-        if x.shape[0] == 1:
-            return (
-                adapter.activation(self.block, _add(adapter.residual(self.block, x), x, x, True))
-                if decision.item()
-                else x
-            )
-        routed = decision.nonzero().squeeze(1)
-        if routed.numel() == 0:
-            return x
-        if routed.numel() == x.shape[0]:
+        count, routed = _routed_rows(decision)
+        if count == x.shape[0]:
             return adapter.activation(self.block, _add(adapter.residual(self.block, x), x, x, True))
-        rows = x.index_select(0, routed).contiguous(memory_format=_memory_format(x))
+        if count == 0:
+            return x
+        rows = _gather(x, routed)
         residual = adapter.residual(self.block, rows).to(x.dtype)
         if _shares_memory(residual, rows):  # a branch that returns a view of its input
             residual = residual.clone()
