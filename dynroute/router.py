@@ -102,7 +102,7 @@ class Router(nn.Module):
         super().__init__()
         if not 0.0 < init_open_prob < 1.0:
             raise ValueError(f"init_open_prob must lie strictly between 0 and 1, but got {init_open_prob}")
-        if temperature <= 0:
+        if not temperature > 0:  # NaN too
             raise ValueError(f"temperature must be positive, but got {temperature}")
         if relaxation not in _RELAXATIONS:
             raise ValueError(f"relaxation must be one of {_RELAXATIONS}, but got {relaxation!r}")
@@ -128,21 +128,20 @@ class Router(nn.Module):
         Under autocast the router still runs in its own (float32) precision: a decision is the sign of
         a logit difference, which bfloat16 would round, and the router costs next to nothing.
         """
-        fc1, fc2 = self.fc1, self.fc2
-        if x.dtype != fc1.weight.dtype:
-            x = x.to(fc1.weight.dtype)
+        weight = self.fc1.weight  # a method, not a tensor, once torch.ao.quantization swapped the layer
+        dtype = weight.dtype if isinstance(weight, Tensor) else torch.float32
+        if x.dtype != dtype:
+            x = x.to(dtype)
         if not _autocast_enabled(x.device.type):
-            return self._mlp(x, fc1, fc2)
+            return self._mlp(x)
         with torch.autocast(x.device.type, enabled=False):
-            return self._mlp(x, fc1, fc2)
+            return self._mlp(x)
 
-    def _mlp(self, x: Tensor, fc1: nn.Linear, fc2: nn.Linear) -> Tensor:
-        # At batch 1 the router's cost is Python dispatch, not arithmetic, and it runs once per block and
-        # forward: the layers are applied with F.linear on their own parameters (a module call costs more
-        # than these tiny products), each submodule is looked up once, and the pooling is one `mean`
-        # (no pool-then-flatten; as fast or faster than adaptive_avg_pool2d at every size measured).
-        hidden = self.act(F.linear(x.mean((2, 3)), fc1.weight, fc1.bias))
-        return F.linear(hidden, fc2.weight, fc2.bias)
+    def _mlp(self, x: Tensor) -> Tensor:
+        # The pooling is one `mean` (no pool-then-flatten; as fast or faster than adaptive_avg_pool2d at
+        # every size measured). The layers are called as modules, so hooks, quantization and other
+        # module swaps apply to them.
+        return self.fc2(self.act(self.fc1(x.mean((2, 3)))))
 
     def gate(self, logits: Tensor, hard: bool) -> Tensor:
         """Gate values (N,): relaxed per Eq. 7 unless ``hard``, else the argmax decision."""

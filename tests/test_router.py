@@ -55,12 +55,26 @@ class TestRouter:
         [
             ({"init_open_prob": 1.0}, "init_open_prob"),
             ({"temperature": 0.0}, "temperature"),
+            ({"temperature": float("nan")}, "temperature"),
             ({"relaxation": "concrete"}, "relaxation"),
         ],
     )
     def test_bad_settings_are_refused(self, kwargs, message):
         with pytest.raises(ValueError, match=message):
             Router(16, **kwargs)
+
+    def test_layers_run_as_modules(self):
+        # Hooks on the layers fire and a swapped layer is the one that runs (as torch.ao quantization swaps them).
+        router = Router(16).eval()
+        seen = []
+        router.fc1.register_forward_hook(lambda module, args, output: seen.append("fc1"))
+        router.fc2.register_forward_hook(lambda module, args, output: seen.append("fc2"))
+        torch.nn.init.normal_(router.fc2.weight, std=3.0)
+        x = torch.randn(3, 16, 4, 4)
+        logits = router(x)
+        assert seen == ["fc1", "fc2"]
+        router.fc2 = torch.nn.Sequential(router.fc2, torch.nn.Tanh())
+        torch.testing.assert_close(router(x), torch.tanh(logits))
 
     def test_extra_repr_tells_the_settings(self):
         assert "relaxation='straight_through'" in repr(Router(16, relaxation="straight_through"))
