@@ -116,18 +116,35 @@ def convert_resnet(
     selected = _select(found, blocks)
     if not selected:
         raise ValueError(f"blocks={blocks!r} selects none of the residual blocks {[n for n, _ in found]}")
-    for name, block in selected:
-        adapter = get_adapter(block)
-        router = Router(adapter.in_channels(block), **router_kwargs)
-        parameter = next(block.parameters(), None)
-        if parameter is not None:
-            router.to(device=parameter.device, dtype=parameter.dtype)
-        gated = GatedBlock(block, router)
-        gated.train(block.training)
-        parent_name, _, child_name = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child_name, gated)
-        adopt_stage(parent)
-    model.register_forward_pre_hook(_check_input)
-    attach_macs_table(model, build_macs_table(model, input_size))
+    replaced: list[tuple[nn.Module, str, nn.Module, type[nn.Module]]] = []  # parent, name, block, parent class
+    hook = None
+    try:
+        for name, block in selected:
+            adapter = get_adapter(block)
+            router = Router(adapter.in_channels(block), **router_kwargs)
+            parameter = next(block.parameters(), None)
+            if parameter is not None:
+                router.to(device=parameter.device, dtype=parameter.dtype)
+            parent_name, _, child_name = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            replaced.append((parent, child_name, block, type(parent)))
+            gated = GatedBlock(block, router)
+            gated.train(block.training)
+            setattr(parent, child_name, gated)
+            adopt_stage(parent)
+        hook = model.register_forward_pre_hook(_check_input)
+        attach_macs_table(model, build_macs_table(model, input_size))
+    except BaseException:
+        _restore(replaced, hook)
+        raise
     return model
+
+
+def _restore(replaced: list[tuple[nn.Module, str, nn.Module, type[nn.Module]]], hook: Any) -> None:
+    """Undo a conversion that failed part way: the original blocks, stage classes and no input hook."""
+    if hook is not None:
+        hook.remove()
+    for parent, child_name, block, parent_class in reversed(replaced):
+        block._modules.pop("router", None)  # a GatedBlock shares its block's children; the router joined them
+        setattr(parent, child_name, block)
+        parent.__class__ = parent_class

@@ -130,6 +130,23 @@ class TestConvertOptions:
         with pytest.raises(ValueError, match="already converted.*'layer1.0'"):
             dynroute.convert_resnet(model, (3, 32, 32))
 
+    @pytest.mark.parametrize(
+        "input_size, error", [((32, 32), ValueError), ((1, 32, 32), RuntimeError)], ids=["not-chw", "wrong-channels"]
+    )
+    def test_a_failed_conversion_leaves_the_model_as_it_was(self, input_size, error):
+        original = timm.create_model("resnet18").eval()
+        model = copy.deepcopy(original)
+        keys = set(model.state_dict())
+        with pytest.raises(error):
+            dynroute.convert_resnet(model, input_size=input_size)
+        assert not any(isinstance(module, dynroute.GatedBlock) for module in model.modules())
+        assert type(model.layer1) is nn.Sequential and not model._forward_pre_hooks
+        assert set(model.state_dict()) == keys
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), original(x), atol=0, rtol=0)
+        _assert_drop_in(model, (3, 32, 32))  # and a corrected retry converts it
+
     def test_model_without_blocks_is_refused(self):
         with pytest.raises(TypeError, match="Sequential has no supported residual blocks.*register_block"):
             dynroute.convert_resnet(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), (3, 32, 32))
