@@ -10,6 +10,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as nn_module
 
 from dynroute.adapters import BlockAdapter, get_adapter
 from dynroute.router import Router, hard_decision
@@ -63,6 +64,23 @@ def _add(residual: Tensor, shortcut: Tensor, x: Tensor, inplace: bool) -> Tensor
     return shortcut + residual
 
 
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` or any module inside it has a forward or forward-pre hook (global ones aside)."""
+    modules = [module]
+    for submodule in modules:  # a breadth-first walk over a list that grows as it goes
+        if submodule is None:
+            continue
+        if submodule._forward_hooks or submodule._forward_pre_hooks:
+            return True
+        modules += submodule._modules.values()
+    return False
+
+
+def _observed(module: nn.Module) -> bool:
+    """Whether a forward hook, global or on ``module`` or inside it, could hold a tensor of its forward."""
+    return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks) or has_forward_hooks(module)
+
+
 def _routed_rows(decision: Tensor) -> tuple[int, Tensor | None]:
     """How many rows a 0/1 decision (N,) runs, and their indices; a batch of one is a plain ``if``, no indices."""
     if decision.shape[0] == 1:
@@ -79,8 +97,9 @@ def _gather(x: Tensor, routed: Tensor) -> Tensor:
 class GatedBlock(nn.Module):
     """Wrap ``block`` with a router gating its residual branch.
 
-    The block's children are registered under their own names, so the ``state_dict`` keys of a
-    converted network are those of the original plus ``router.*``.
+    The block's children, parameters and buffers are this module's own (the same dicts), so the
+    ``state_dict`` keys of a converted network are those of the original plus ``router.*``, and a
+    child replaced on either module (``SyncBatchNorm.convert_sync_batchnorm``, say) is the one that runs.
 
     Args:
         block: a residual block of a type registered with :func:`dynroute.register_block`.
@@ -112,10 +131,13 @@ class GatedBlock(nn.Module):
                 f"no adapter is registered for {type(block).__qualname__}; "
                 "register one with dynroute.register_block(block_type, dynroute.BlockAdapter(...))"
             )
-        # The block is kept unregistered: its children are registered here under their own names.
+        # The block stays unregistered, and its children, parameters and buffers are this module's
+        # own: one dict each, shared. So the state_dict keys are the block's plus ``router.*``, and a
+        # child replaced through either module (SyncBatchNorm.convert_sync_batchnorm, fuse_modules,
+        # plain assignment) is the one the adapter runs.
         object.__setattr__(self, "block", block)
-        for name, child in block.named_children():
-            self.add_module(name, child)
+        for shared in ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"):
+            self.__dict__[shared] = block.__dict__[shared]
         self.router = router if router is not None else Router(adapter.in_channels(block))
         self.forced_gate: ForcedGate | None = None
         self.hard_decisions = False
@@ -168,13 +190,17 @@ class GatedBlock(nn.Module):
             reuse_input: the caller gives ``x`` up: without autograd, sparse execution may write the
                 output into it instead of copying it (:class:`~dynroute.GatedSequential` passes True
                 for a tensor that only the stage holds). Default False: ``x`` is never modified.
+                Neither is any tensor a forward hook could hold: with a hook (global, or on this
+                block or anything inside it) every sum is written out of place.
             relu_input: ``x`` is the output of an ``nn.ReLU``. With ``reuse_input``, an identity
                 shortcut and a final ``nn.ReLU`` (:attr:`ends_with_relu`), the rows the block skips
                 are left as they are, since the ReLU would not change them.
         """
         check_image_batch(x, "GatedBlock")
         adapter, router = self.adapter, self.router
-        reuse_input = reuse_input and not torch.is_grad_enabled()
+        # Whether this forward's own buffers (branch output, downsampling shortcut) may be written in place.
+        scratch = not torch.is_grad_enabled() and not _observed(self)
+        reuse_input = reuse_input and scratch
         logits = router(x)
         shortcut = adapter.shortcut(self.block, x)
         activated = False  # whether out already went through the final activation
@@ -191,9 +217,9 @@ class GatedBlock(nn.Module):
             elif reuse_input and relu_input and shortcut is x and self.ends_with_relu:
                 out, activated = self._route_into_relu_input(adapter, x, gate), True
             else:
-                out = self._add_routed_residual(adapter, x, shortcut, gate, reuse_input)
-        if out is x and not reuse_input:  # skipped identity block: an in-place activation must not touch the input
-            out = x.clone()
+                out = self._add_routed_residual(adapter, x, shortcut, gate, scratch, reuse_input)
+        if out is shortcut and not (reuse_input if out is x else scratch):
+            out = out.clone()  # a skipped block: an in-place activation must not touch the input or a held shortcut
         # Plain attributes, never parameters or modules: skip nn.Module.__setattr__'s registry checks,
         # which cost about as much as a small kernel launch on this per-block hot path.
         self.__dict__.update(_last_gate=gate, last_logits=logits, last_input_shape=x.shape)
@@ -211,26 +237,29 @@ class GatedBlock(nn.Module):
         return shortcut + gate.to(residual.dtype).view(-1, 1, 1, 1) * residual
 
     def _add_routed_residual(
-        self, adapter: BlockAdapter, x: Tensor, shortcut: Tensor, decision: Tensor, reuse_input: bool
+        self, adapter: BlockAdapter, x: Tensor, shortcut: Tensor, decision: Tensor, scratch: bool, reuse_input: bool
     ) -> Tensor:
         """``shortcut + F(x)`` for rows with decision 1, ``shortcut`` elsewhere; F runs on routed rows only.
 
         index_select / index_add are the cheapest gather and scatter measured on CPU (boolean-mask
-        indexing, index_put_ and index_copy_ of the sum all cost more). Without autograd the sums are
-        written in place into buffers this forward created (the branch output, a downsampling
-        shortcut), and into an identity shortcut, the block input, only if ``reuse_input``; with
-        autograd they are out of place.
+        indexing, index_put_ and index_copy_ of the sum all cost more). With ``scratch`` (no autograd,
+        no hook) the sums are written in place into buffers this forward created (the branch output,
+        a downsampling shortcut), and into an identity shortcut, the block input, only if
+        ``reuse_input``; otherwise they are out of place.
         """
-        inplace = not torch.is_grad_enabled()
         count, routed = _routed_rows(decision)
         if count == x.shape[0]:
-            return _add(adapter.residual(self.block, x), shortcut, x, inplace)
+            return _add(adapter.residual(self.block, x), shortcut, x, scratch)
         if count == 0:
             return self._skipped(shortcut)
+        if count == 1 and self.training:
+            # Batch norm in training normalises by the statistics of the rows it sees, and a single row has
+            # none to speak of (an error where the branch is 1x1): the branch runs masked, on every row.
+            return self._add_gated_residual(adapter, x, shortcut, decision)
         rows = _gather(x, routed)
         residual = adapter.residual(self.block, rows).to(shortcut.dtype)
         writable = (shortcut is x and reuse_input) or not _shares_memory(shortcut, x)
-        out = shortcut if inplace and writable else shortcut.clone()
+        out = shortcut if scratch and writable else shortcut.clone()
         return out.index_add_(0, routed, residual)
 
     def _route_into_relu_input(self, adapter: BlockAdapter, x: Tensor, decision: Tensor) -> Tensor:
@@ -254,7 +283,7 @@ class GatedBlock(nn.Module):
         return x.index_add_(0, routed, torch.maximum(residual, rows.neg_(), out=residual))
 
     def _skipped(self, shortcut: Tensor) -> Tensor:
-        """``shortcut`` for a branch no sample runs; in training, joined to the branch's parameters by a zero.
+        """``shortcut`` for a branch no sample runs; in training, joined to the block's parameters by a zero.
 
         DistributedDataParallel expects a gradient for every trainable parameter from every rank. An
         empty slice's sum is exactly 0 and gives each parameter a zero gradient, so a rank on which
@@ -262,7 +291,7 @@ class GatedBlock(nn.Module):
         """
         if not (self.training and torch.is_grad_enabled()):
             return shortcut
-        trainable = [parameter for parameter in self.block.parameters() if parameter.requires_grad]
+        trainable = [parameter for parameter in self.parameters() if parameter.requires_grad]
         if not trainable:
             return shortcut
         return shortcut + sum(torch.atleast_1d(p).narrow(0, 0, 0).sum() for p in trainable).to(shortcut.dtype)

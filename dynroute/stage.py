@@ -15,16 +15,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as nn_module
 
-from dynroute.gated_block import GatedBlock
+from dynroute.gated_block import GatedBlock, has_forward_hooks
 
 __all__ = ["GatedSequential", "adopt_stage"]
-
-
-def _has_forward_hooks(module: nn.Module) -> bool:
-    """Whether ``module`` or any module inside it has a forward or forward-pre hook."""
-    if module._forward_hooks or module._forward_pre_hooks:
-        return True
-    return any(child is not None and _has_forward_hooks(child) for child in module._modules.values())
 
 
 class GatedSequential(nn.Sequential):
@@ -48,7 +41,7 @@ class GatedSequential(nn.Sequential):
             if not (scratch_allowed and isinstance(module, GatedBlock)):
                 x, private, relu_output = module(x), False, False
                 continue
-            unhooked = not _has_forward_hooks(module)
+            unhooked = not has_forward_hooks(module)
             output = module(x, reuse_input=private and unhooked, relu_input=relu_output)
             private = unhooked and (private or output is not x)
             relu_output = module.ends_with_relu

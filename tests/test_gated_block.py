@@ -126,6 +126,38 @@ class TestGatedBlockAgainstOriginal:
         torch.testing.assert_close(x, before, atol=0, rtol=0)
         torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
 
+    @pytest.mark.parametrize("routed", ["mixed", "all", "none", "forced-closed"])
+    @pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.inference_mode, torch.enable_grad])
+    def test_tensors_that_hooks_hold_are_left_alone(self, name, routed, grad_mode):
+        # Sums go in place only into buffers nobody else can see, not into a hooked module's output. Held:
+        # the outputs the original block leaves alone too (the shortcut's, the router's, every module's
+        # of the CIFAR block; timm and torchvision blocks apply in-place ReLUs and sums to their own).
+        original, gated, x = self._pair(name)
+        if routed in ("all", "none"):
+            nn.init.zeros_(gated.router.fc2.weight)
+            gated.router.fc2.bias.data = torch.tensor([0.0, 10.0] if routed == "all" else [10.0, 0.0])
+        if routed == "forced-closed":
+            gated.force_gate("closed")
+        shortcut = getattr(gated, "shortcut", None) or getattr(gated, "downsample", None)
+        hooked = [*gated.router.modules(), *([] if shortcut is None else [shortcut])]
+        if isinstance(original, CifarBasicBlock):
+            hooked = [module for module in gated.modules() if module is not gated]
+        held = []
+        for module in hooked:
+            module.register_forward_hook(lambda m, args, output: held.append((output, output.detach().clone())))
+        with grad_mode():
+            out = gated(x)
+            gates = gated.last_gate
+            reference = torch.cat(
+                [original(row) if gate else _shortcut_reference(original, row) for row, gate in zip(x.split(1), gates)]
+            )
+        if routed == "mixed":
+            assert 0 < gated.last_gate.sum() < len(x)
+        assert held
+        for output, copy_at_hook_time in held:
+            torch.testing.assert_close(output.detach(), copy_at_hook_time, atol=0, rtol=0)
+        torch.testing.assert_close(out.detach(), reference, atol=1e-5, rtol=0)
+
     def test_sparse_equals_masked(self, name):
         _, gated, x = self._pair(name)
         with torch.no_grad():
@@ -233,6 +265,35 @@ class TestTrainMode:
         torch.testing.assert_close(gated.last_gate, dynroute.hard_gate(gated.last_logits))
         assert gated.conv1.weight.grad.abs().sum() > 0
 
+    def test_a_single_routed_sample_in_training_runs_masked(self):
+        # Batch norm in training needs more than one value per channel: one routed row of a 2x2 input to a
+        # stride-2 block is 1x1 inside the branch. The branch then runs on the whole batch, as masked execution.
+        downsample = nn.Sequential(nn.Conv2d(8, 16, 1, 2, bias=False), nn.BatchNorm2d(16))
+        block = timm_resnet.BasicBlock(8, 16, stride=2, downsample=downsample)
+        gated = {execution: GatedBlock(copy.deepcopy(block)).train() for execution in ("sparse", "masked")}
+        x = _inputs(5, (8, 2, 2))
+        for execution, module in gated.items():
+            module.hard_decisions = True
+            module.set_execution(execution)
+            nn.init.zeros_(module.router.fc2.weight)
+            module.router.fc2.bias.data = torch.tensor([10.0, 0.0])  # every sample skips ...
+        outputs = {}
+        for execution, module in gated.items():
+            with torch.no_grad():  # ... but the third, by a bias on its channel means
+                module.router.fc1.weight.zero_()
+                module.router.fc1.bias.zero_()
+                module.router.fc1.weight[0, 0] = 1.0
+                module.router.fc2.weight[1, 0] = 100.0
+            x_routed = x.clone()
+            x_routed[:, 0] = 0
+            x_routed[2, 0] = 1.0
+            outputs[execution] = module(x_routed)
+            assert module.last_gate.tolist() == [0.0, 0.0, 1.0, 0.0, 0.0]
+        torch.testing.assert_close(outputs["sparse"], outputs["masked"], atol=1e-6, rtol=0)
+        torch.testing.assert_close(gated["sparse"].bn1.running_var, gated["masked"].bn1.running_var)
+        outputs["sparse"].sum().backward()
+        assert gated["sparse"].conv1.weight.grad.abs().sum() > 0
+
 
 class TestValidation:
     """Clear errors for unsupported blocks, bad inputs and bad settings."""
@@ -254,8 +315,66 @@ class TestValidation:
 
     def test_state_dict_keys_are_the_blocks_plus_router(self):
         block = CifarBasicBlock(8, 16, stride=2, shortcut="B")
+        block_keys = set(block.state_dict())
         keys = set(GatedBlock(block).state_dict())
-        assert {k for k in keys if not k.startswith("router.")} == set(block.state_dict())
+        assert {k for k in keys if not k.startswith("router.")} == block_keys
+        assert any(k.startswith("router.") for k in keys)
+
+
+class TestSharedChildren:
+    """The wrapped block's children, parameters and buffers are the GatedBlock's: replacing one takes effect."""
+
+    def test_replaced_child_is_the_one_that_runs(self):
+        original = tv_resnet.BasicBlock(8, 8).eval()
+        _perturb_batchnorm(original)
+        gated = GatedBlock(copy.deepcopy(original)).eval()
+        gated.force_gate("open")
+        gated.bn1 = nn.Identity()
+        original.bn1 = nn.Identity()
+        x = _inputs(3, (8, 6, 6))
+        with torch.no_grad():
+            torch.testing.assert_close(gated(x), original(x), atol=1e-6, rtol=0)
+        assert gated.block.bn1 is gated.bn1
+
+    def test_sync_batchnorm_conversion_reaches_the_blocks(self):
+        model = dynroute.convert_resnet(dynroute.models.resnet20(), input_size=(3, 32, 32))
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model).eval()
+        ran = []
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.register_forward_pre_hook(lambda m, args: ran.append(type(m)))
+        with torch.no_grad():
+            dynroute.force_gates(model, "open")
+            model(torch.randn(2, 3, 32, 32))
+        assert len(ran) == 19 and set(ran) == {nn.SyncBatchNorm}
+
+    def test_parameters_and_buffers_of_the_block_itself_are_kept(self):
+        class ScaledBlock(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = nn.Conv2d(4, 4, 3, padding=1)
+                self.scale = nn.Parameter(torch.tensor(2.0))
+                self.register_buffer("offset", torch.tensor(0.5))
+
+            def forward(self, x):
+                return torch.relu(self.scale * self.conv(x) + self.offset + x)
+
+        dynroute.register_block(
+            ScaledBlock,
+            dynroute.BlockAdapter(
+                residual=lambda b, x: b.scale * b.conv(x) + b.offset,
+                shortcut=lambda b, x: x,
+                activation=lambda b, x: torch.relu(x),
+                in_channels=lambda b: b.conv.in_channels,
+            ),
+        )
+        original = ScaledBlock()
+        gated = GatedBlock(copy.deepcopy(original)).double()
+        assert {"scale", "offset"} <= set(gated.state_dict())
+        assert gated.block.scale.dtype == gated.block.offset.dtype == torch.float64
+        gated.force_gate("open")
+        x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+        torch.testing.assert_close(gated(x), original.double()(x))
 
 
 class TestRegistry:
