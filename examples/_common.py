@@ -69,6 +69,17 @@ def image_folder_split(root: str, names: tuple[str, ...]) -> str:
     raise ValueError(f"{root!r} has none of the folders {names}; an ImageFolder root needs train/ and test/ (or val/)")
 
 
+class _OriginalStage2Flag(argparse.Action):
+    """The original's stage-2 job flags: stage 2 is part of one run here, so say how to ask for it."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        parser.error(
+            f"{option_string}: the original ran stage 2 as a second job from the stage-1 checkpoint; here add "
+            "--stage2-epochs N to the stage-1 command line (with --resume, a finished stage-1 run in "
+            "--log-path/--note continues with stage 2)"
+        )
+
+
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags shared by the examples; the original CoDiNet spellings are aliases (see docs/training.md)."""
     add = parser.add_argument
@@ -131,6 +142,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add("--log-path", "--log_path", dest="log_path", default="./outputs", help="where runs are written")
     add("--note", default="run", help="run name: the run's folder under --log-path")
     add("--resume", action="store_true", help="continue the run in --log-path/--note from its last checkpoint")
+    stage2_job = "original stage-2 job flag, rejected: add --stage2-epochs N to the stage-1 run instead"
+    add("--freeze_gate", nargs=0, action=_OriginalStage2Flag, help=stage2_job)
+    add("--resume_path", metavar="F", action=_OriginalStage2Flag, help=stage2_job)
     add("--workers", type=int, default=2, help="data loader worker processes")
     add("--threads", type=int, default=None, help="torch CPU threads per process")
     add("--seed", type=int, default=0)

@@ -5,7 +5,8 @@ Single process:
         --data-root ~/data/cifar10 --budget 0.6 --epochs 10 --stage2-epochs 2
 Several processes (gloo on CPU, nccl on CUDA), replacing the original torch.distributed.launch:
     torchrun --nproc_per_node=2 examples/train_cifar.py ...
-The original CoDiNet command line is accepted as is; docs/training.md maps each of its flags.
+The original CoDiNet stage-1 command line is accepted as is; its separate stage-2 job becomes
+--stage2-epochs N in the same run. docs/training.md maps each of its flags.
 """
 
 import argparse

@@ -92,6 +92,15 @@ class TestOriginalCommandLine:
         args = train_cifar.build_parser().parse_args([*ORIGINAL_COMMAND, "--local_rank", "0"])
         assert args.local_rank == 0
 
+    @pytest.mark.parametrize("flags", [("--freeze_gate",), ("--resume_path", "stage1.pt")])
+    def test_stage2_job_flags_name_the_fix(self, flags: tuple[str, ...], capsys) -> None:
+        with pytest.raises(SystemExit) as exit_info:
+            train_cifar.build_parser().parse_args([*ORIGINAL_COMMAND, *flags])
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err
+        assert f"error: {flags[0]}: the original ran stage 2 as a second job" in error
+        assert "add --stage2-epochs N to the stage-1 command line" in error and "--resume" in error
+
     def test_distill_flags_need_a_teacher(self) -> None:
         args = train_cifar.build_parser().parse_args([*ORIGINAL_COMMAND, "--distill-weight", "0.5"])
         with pytest.raises(ValueError, match="--distill-weight set without --teacher"):
