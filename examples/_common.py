@@ -387,12 +387,16 @@ class Run:
             self.writer.close()
 
 
-def _wrap(model: nn.Module, env: Distributed, stage: int) -> nn.Module:
-    """DDP around ``model`` for this stage (stage 2 may leave skipped blocks without gradients)."""
+def _wrap(model: nn.Module, env: Distributed) -> nn.Module:
+    """DDP around ``model``, built again at each stage: it fixes which parameters expect gradients.
+
+    No ``find_unused_parameters``: a block that every sample of a rank skips in stage 2 still joins
+    its parameters to the graph with an exact zero (``GatedBlock``), so every rank sends a gradient.
+    """
     if not env.enabled:
         return model
     device_ids = [env.device.index] if env.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=stage == 2)
+    return DistributedDataParallel(model, device_ids=device_ids)
 
 
 def train(
@@ -434,7 +438,7 @@ def train(
         if stage != wrapped_stage:
             if not args.dense:
                 dynroute.set_stage(model, stage)
-            wrapped, wrapped_stage = _wrap(model, env, stage), stage
+            wrapped, wrapped_stage = _wrap(model, env), stage
         if stage == 2 and calibrate_in_stage2:
             calibrate(model, criterion, calibration_loader, env)
         if isinstance(loader.sampler, DistributedSampler):
