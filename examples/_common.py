@@ -280,13 +280,15 @@ def make_train_loader(dataset: Dataset, args: argparse.Namespace, env: Distribut
 def evaluate(model: nn.Module, loader: DataLoader, max_batches: int | None = None, progress: bool = True) -> dict:
     """Top-1 accuracy, average MACs (and fraction of dense) and distinct paths over ``loader``.
 
-    A routed model runs with hard decisions and really skips blocks; a dense one is counted with
-    fvcore. ``seconds`` is the wall time of the pass (data loading included).
+    A routed model runs with hard decisions and really skips blocks; each batch's MACs are counted
+    with ``dynroute.forward_macs``, which raises if the images are not of the MAC table's size. A
+    dense one is counted with fvcore. ``seconds`` is the wall time of the pass (data loading included).
     """
     model.eval()
     routed = any(True for _ in dynroute.gated_blocks(model))
     correct = total = 0
     paths: list[Tensor] = []
+    sample_macs: list[Tensor] = []
     device = next(model.parameters()).device
     start = time.perf_counter()
     batches = tqdm(loader, desc="eval", leave=False, disable=not progress)
@@ -298,13 +300,12 @@ def evaluate(model: nn.Module, loader: DataLoader, max_batches: int | None = Non
         total += labels.numel()
         if routed:
             paths.append(dynroute.routing_paths(model).cpu())
+            sample_macs.append(dynroute.forward_macs(model).cpu())
     seconds = time.perf_counter() - start
     input_size = tuple(images.shape[1:])
     if routed:
-        table = dynroute.macs_table(model)
-        all_paths = torch.cat(paths)
-        macs, dense = dynroute.sample_macs(all_paths, table).mean().item(), table.dense_macs
-        distinct = dynroute.count_distinct_paths(all_paths)
+        macs, dense = torch.cat(sample_macs).mean().item(), dynroute.macs_table(model).dense_macs
+        distinct = dynroute.count_distinct_paths(torch.cat(paths))
     else:
         macs = dense = count_macs(model, input_size).total()
         distinct = 1
