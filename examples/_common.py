@@ -69,6 +69,17 @@ def image_folder_split(root: str, names: tuple[str, ...]) -> str:
     raise ValueError(f"{root!r} has none of the folders {names}; an ImageFolder root needs train/ and test/ (or val/)")
 
 
+class _OriginalStage2Flag(argparse.Action):
+    """The original's stage-2 job flags: stage 2 is part of one run here, so say how to ask for it."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        parser.error(
+            f"{option_string}: the original ran stage 2 as a second job from the stage-1 checkpoint; here add "
+            "--stage2-epochs N to the stage-1 command line (with --resume, a finished stage-1 run in "
+            "--log-path/--note continues with stage 2)"
+        )
+
+
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags shared by the examples; the original CoDiNet spellings are aliases (see docs/training.md)."""
     add = parser.add_argument
@@ -131,6 +142,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add("--log-path", "--log_path", dest="log_path", default="./outputs", help="where runs are written")
     add("--note", default="run", help="run name: the run's folder under --log-path")
     add("--resume", action="store_true", help="continue the run in --log-path/--note from its last checkpoint")
+    stage2_job = "original stage-2 job flag, rejected: add --stage2-epochs N to the stage-1 run instead"
+    add("--freeze_gate", nargs=0, action=_OriginalStage2Flag, help=stage2_job)
+    add("--resume_path", metavar="F", action=_OriginalStage2Flag, help=stage2_job)
     add("--workers", type=int, default=2, help="data loader worker processes")
     add("--threads", type=int, default=None, help="torch CPU threads per process")
     add("--seed", type=int, default=0)
@@ -266,13 +280,15 @@ def make_train_loader(dataset: Dataset, args: argparse.Namespace, env: Distribut
 def evaluate(model: nn.Module, loader: DataLoader, max_batches: int | None = None, progress: bool = True) -> dict:
     """Top-1 accuracy, average MACs (and fraction of dense) and distinct paths over ``loader``.
 
-    A routed model runs with hard decisions and really skips blocks; a dense one is counted with
-    fvcore. ``seconds`` is the wall time of the pass (data loading included).
+    A routed model runs with hard decisions and really skips blocks; each batch's MACs are counted
+    with ``dynroute.forward_macs``, which raises if the images are not of the MAC table's size. A
+    dense one is counted with fvcore. ``seconds`` is the wall time of the pass (data loading included).
     """
     model.eval()
     routed = any(True for _ in dynroute.gated_blocks(model))
     correct = total = 0
     paths: list[Tensor] = []
+    sample_macs: list[Tensor] = []
     device = next(model.parameters()).device
     start = time.perf_counter()
     batches = tqdm(loader, desc="eval", leave=False, disable=not progress)
@@ -284,13 +300,12 @@ def evaluate(model: nn.Module, loader: DataLoader, max_batches: int | None = Non
         total += labels.numel()
         if routed:
             paths.append(dynroute.routing_paths(model).cpu())
+            sample_macs.append(dynroute.forward_macs(model).cpu())
     seconds = time.perf_counter() - start
     input_size = tuple(images.shape[1:])
     if routed:
-        table = dynroute.macs_table(model)
-        all_paths = torch.cat(paths)
-        macs, dense = dynroute.sample_macs(all_paths, table).mean().item(), table.dense_macs
-        distinct = dynroute.count_distinct_paths(all_paths)
+        macs, dense = torch.cat(sample_macs).mean().item(), dynroute.macs_table(model).dense_macs
+        distinct = dynroute.count_distinct_paths(torch.cat(paths))
     else:
         macs = dense = count_macs(model, input_size).total()
         distinct = 1
@@ -373,12 +388,16 @@ class Run:
             self.writer.close()
 
 
-def _wrap(model: nn.Module, env: Distributed, stage: int) -> nn.Module:
-    """DDP around ``model`` for this stage (stage 2 may leave skipped blocks without gradients)."""
+def _wrap(model: nn.Module, env: Distributed) -> nn.Module:
+    """DDP around ``model``, built again at each stage: it fixes which parameters expect gradients.
+
+    No ``find_unused_parameters``: a block that every sample of a rank skips in stage 2 still joins
+    its parameters to the graph with an exact zero (``GatedBlock``), so every rank sends a gradient.
+    """
     if not env.enabled:
         return model
     device_ids = [env.device.index] if env.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=stage == 2)
+    return DistributedDataParallel(model, device_ids=device_ids)
 
 
 def train(
@@ -420,7 +439,7 @@ def train(
         if stage != wrapped_stage:
             if not args.dense:
                 dynroute.set_stage(model, stage)
-            wrapped, wrapped_stage = _wrap(model, env, stage), stage
+            wrapped, wrapped_stage = _wrap(model, env), stage
         if stage == 2 and calibrate_in_stage2:
             calibrate(model, criterion, calibration_loader, env)
         if isinstance(loader.sampler, DistributedSampler):

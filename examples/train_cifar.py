@@ -1,20 +1,23 @@
-"""Train a routed CIFAR ResNet the CoDiNet way: CIFAR-10/100, SVHN or any ImageFolder; 1 or N processes.
+"""Train a routed CIFAR ResNet the CoDiNet way: CIFAR-10/100, SVHN or an ImageFolder at 32x32; 1 or N processes.
 
 Single process:
     python examples/train_cifar.py --dataset cifar10 --backbone resnet56 --pretrained cifar_resnet56.th \\
         --data-root ~/data/cifar10 --budget 0.6 --epochs 10 --stage2-epochs 2
 Several processes (gloo on CPU, nccl on CUDA), replacing the original torch.distributed.launch:
     torchrun --nproc_per_node=2 examples/train_cifar.py ...
-The original CoDiNet command line is accepted as is; docs/training.md maps each of its flags.
+The original CoDiNet stage-1 command line is accepted as is; its separate stage-2 job becomes
+--stage2-epochs N in the same run. docs/training.md maps each of its flags.
 """
 
 import argparse
 import os
 import sys
+from collections.abc import Callable
 
 import torch
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets
+from torchvision import transforms as T
 
 import dynroute
 from dynroute.data import MultiViewTransform, eval_transform, train_transform
@@ -30,6 +33,7 @@ from _common import (  # noqa: E402
 
 BACKBONES = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet74", "resnet110")
 DATASETS = ("cifar10", "cifar100", "svhn", "imagefolder")
+IMAGE_SIZE = 32  # CIFAR and SVHN images; ImageFolder images are resized to it
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data_root",
         dest="data_root",
         default=os.path.expanduser("~/data"),
-        help="torchvision dataset folder, or an ImageFolder root with train/ and test/ (or val/)",
+        help="torchvision dataset folder, or an ImageFolder root with train/ and test/ (or val/), resized to 32x32",
     )
     add("--download", action="store_true", help="let torchvision download CIFAR / SVHN into --data-root")
     add("--backbone", default="resnet56", help=f"one of {BACKBONES}")
@@ -54,15 +58,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset, int]:
-    """(train set with M views per sample, test set, number of classes)."""
+def build_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset, int, Callable]:
+    """(train set with M views per sample, test set, number of classes, evaluation transform).
+
+    ImageFolder images are first resized (shorter side) and centre-cropped to 32x32, the size of
+    CIFAR and SVHN images, which the recipe and the MAC table of ``build_model`` assume.
+    """
     dataset = args.dataset.lower()
     if dataset not in DATASETS:
         raise ValueError(f"--dataset must be one of {DATASETS}, but got {args.dataset!r}")
-    views = MultiViewTransform(train_transform(dataset), args.views)
-    test_tf = eval_transform()
+    train_tf, test_tf = train_transform(dataset), eval_transform()
     root = os.path.expanduser(args.data_root)
-    if dataset == "imagefolder" or os.path.isdir(os.path.join(root, "train")):
+    image_folder = dataset == "imagefolder" or os.path.isdir(os.path.join(root, "train"))
+    if image_folder:
+        train_tf = T.Compose([T.Resize(IMAGE_SIZE), T.CenterCrop(IMAGE_SIZE), train_tf])
+        test_tf = eval_transform(image_size=IMAGE_SIZE)
+    views = MultiViewTransform(train_tf, args.views)
+    if image_folder:
         train_set = datasets.ImageFolder(image_folder_split(root, ("train",)), views)
         test_set = datasets.ImageFolder(image_folder_split(root, ("test", "val")), test_tf)
         classes = len(train_set.classes)
@@ -80,7 +92,7 @@ def build_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset, int]:
         train_set = Subset(train_set, order[: args.train_subset].tolist())
     if args.test_subset:
         test_set = Subset(test_set, range(min(args.test_subset, len(test_set))))
-    return train_set, test_set, classes
+    return train_set, test_set, classes, test_tf
 
 
 def build_dense(args: argparse.Namespace, num_classes: int, checkpoint: str | None) -> torch.nn.Module:
@@ -99,7 +111,7 @@ def build_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
     if args.dense:
         return model
     return dynroute.convert_resnet(
-        model, input_size=(3, 32, 32), temperature=args.temperature, relaxation=args.relaxation
+        model, input_size=(3, IMAGE_SIZE, IMAGE_SIZE), temperature=args.temperature, relaxation=args.relaxation
     )
 
 
@@ -107,10 +119,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = resolve_arguments(build_parser().parse_args(argv))
     torch.manual_seed(args.seed)
     env = setup_distributed()
-    train_set, test_set, classes = build_datasets(args)
+    train_set, test_set, classes, test_tf = build_datasets(args)
     model = build_model(args, classes)
     teacher = build_dense(args, classes, args.teacher) if args.teacher else None
-    return run_training(model, train_set, test_set, args, env, teacher, eval_transform())
+    return run_training(model, train_set, test_set, args, env, teacher, test_tf)
 
 
 if __name__ == "__main__":

@@ -92,6 +92,15 @@ class TestOriginalCommandLine:
         args = train_cifar.build_parser().parse_args([*ORIGINAL_COMMAND, "--local_rank", "0"])
         assert args.local_rank == 0
 
+    @pytest.mark.parametrize("flags", [("--freeze_gate",), ("--resume_path", "stage1.pt")])
+    def test_stage2_job_flags_name_the_fix(self, flags: tuple[str, ...], capsys) -> None:
+        with pytest.raises(SystemExit) as exit_info:
+            train_cifar.build_parser().parse_args([*ORIGINAL_COMMAND, *flags])
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err
+        assert f"error: {flags[0]}: the original ran stage 2 as a second job" in error
+        assert "add --stage2-epochs N to the stage-1 command line" in error and "--resume" in error
+
     def test_distill_flags_need_a_teacher(self) -> None:
         args = train_cifar.build_parser().parse_args([*ORIGINAL_COMMAND, "--distill-weight", "0.5"])
         with pytest.raises(ValueError, match="--distill-weight set without --teacher"):
@@ -190,6 +199,19 @@ class TestTrainCifar:
         for position, index in enumerate(clean.indices):
             assert torch.equal(clean[position][0], reference[index][0])  # one un-augmented image, not views
         assert train_set.dataset.transform is views  # the training set keeps its views
+
+    def test_image_folder_is_resized_to_32_px(self, tmp_path: Path) -> None:
+        folder = _image_folder(tmp_path / "data", ("train", "test"), classes=2, per_class=1, size=48)
+        args = _common.resolve_arguments(train_cifar.build_parser().parse_args(["--data-root", str(folder)]))
+        train_set, test_set, classes, test_tf = train_cifar.build_datasets(args)
+        assert train_set[0][0].shape == (2, 3, 32, 32) and test_set[0][0].shape == (3, 32, 32)
+        assert classes == 2 and test_tf is test_set.transform  # calibration images get the same resize
+
+    def test_evaluation_refuses_another_size_than_the_mac_table(self) -> None:
+        model = dynroute.convert_resnet(dynroute.models.resnet20(num_classes=3), input_size=(3, 32, 32))
+        batch = (torch.randn(2, 3, 48, 48), torch.tensor([0, 1]))
+        with pytest.raises(ValueError, match="the MAC table was measured at input_size"):
+            _common.evaluate(model, [batch], progress=False)
 
     def test_unknown_dataset(self, cifar_folder: Path, tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="--dataset"):
