@@ -13,8 +13,9 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def _strip_wrapper_prefixes(key: str) -> str:
-    for prefix in _WRAPPER_PREFIXES:
-        key = key.removeprefix(prefix)
+    """``key`` without the prefixes of any nesting of wrappers (``module._orig_mod.``, ``_orig_mod.module.``...)."""
+    while key.startswith(_WRAPPER_PREFIXES):
+        key = key.split(".", 1)[1]  # each prefix is one dotted name
     return key
 
 
@@ -25,7 +26,7 @@ def load_dense_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) ->
     checkpoint fits a converted model except for the routers, which keep their initialisation
     (open with ``init_open_prob``). Router keys, when present, load too. Anything else missing,
     unexpected or of another shape raises before any weight is copied. Keys prefixed by DDP
-    (``module.``) or ``torch.compile`` (``_orig_mod.``) are accepted.
+    (``module.``) or ``torch.compile`` (``_orig_mod.``), in any nesting, are accepted.
 
     Returns:
         The same model, for chaining.

@@ -18,7 +18,7 @@ with warnings.catch_warnings():  # fvcore scripts helpers with torch.jit, which 
     from fvcore.nn import FlopCountAnalysis
     from fvcore.nn.jit_handles import elementwise_flop_counter
 
-from dynroute.routing import force_gates, gated_blocks
+from dynroute.routing import force_gates, gated_blocks, unwrap_model
 
 __all__ = ["MacsTable", "attach_macs_table", "build_macs_table", "count_macs", "macs_table"]
 
@@ -154,9 +154,7 @@ def attach_macs_table(model: nn.Module, table: MacsTable) -> None:
 
 def macs_table(model: nn.Module) -> MacsTable:
     """The MAC table :func:`dynroute.convert_resnet` measured for ``model`` (or its DDP wrapper)."""
-    # DistributedDataParallel keeps the model as .module, torch.compile as ._orig_mod.
-    candidates = (model, getattr(model, "module", None), getattr(model, "_orig_mod", None))
-    table = next((getattr(m, _TABLE_ATTRIBUTE) for m in candidates if hasattr(m, _TABLE_ATTRIBUTE)), None)
+    table = getattr(unwrap_model(model), _TABLE_ATTRIBUTE, None)
     if table is None:
         raise TypeError(
             f"{type(model).__name__} has no MAC table; convert it with dynroute.convert_resnet(model, input_size) "

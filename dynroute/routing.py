@@ -17,6 +17,15 @@ def gated_blocks(model: nn.Module) -> Iterator[tuple[str, GatedBlock]]:
             yield name, module
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside any nesting of DistributedDataParallel (``.module``) and torch.compile (``._orig_mod``)."""
+    while True:
+        inner = model._modules.get("module") or model._modules.get("_orig_mod")
+        if inner is None:
+            return model
+        model = inner
+
+
 def require_gated_blocks(model: nn.Module) -> list[tuple[str, GatedBlock]]:
     """``list(gated_blocks(model))``; a TypeError naming the fix if the model has none (package helper)."""
     blocks = list(gated_blocks(model))

@@ -11,7 +11,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from dynroute.routing import gated_blocks, require_gated_blocks
+from dynroute.routing import gated_blocks, require_gated_blocks, unwrap_model
 
 __all__ = [
     "Stage",
@@ -67,10 +67,10 @@ def block_parameters(model: nn.Module) -> list[nn.Parameter]:
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra: Any) -> None:
     """Save a model's ``state_dict`` and stage, plus ``extra`` entries (optimizer state, epoch...).
 
-    A DDP wrapper is unwrapped so the keys are the model's own. A model without gated blocks (a
+    DDP and torch.compile wrappers are unwrapped, so the keys are the model's own. A model without gated blocks (a
     dense baseline) is saved with stage None.
     """
-    model = getattr(model, "module", model)
+    model = unwrap_model(model)
     stage = get_stage(model) if any(True for _ in gated_blocks(model)) else None
     torch.save({"model": model.state_dict(), "stage": stage, **extra}, path)
 
@@ -81,7 +81,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, strict: bool = Tr
     Returns:
         The ``extra`` entries that were saved with it.
     """
-    model = getattr(model, "module", model)
+    model = unwrap_model(model)
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         raise ValueError(

@@ -79,7 +79,11 @@ class TestArchitectureMismatch:
 class TestDenseCheckpoint:
     """A dense checkpoint loads into a converted model: weights copied, routers keep their init."""
 
-    @pytest.mark.parametrize("prefix", ["", "module.", "_orig_mod."], ids=["plain", "ddp", "compiled"])
+    @pytest.mark.parametrize(
+        "prefix",
+        ["", "module.", "_orig_mod.", "_orig_mod.module.", "module._orig_mod."],
+        ids=["plain", "ddp", "compiled", "compiled-ddp", "ddp-of-compiled"],
+    )
     def test_retrofit(self, prefix):
         torch.manual_seed(11)
         dense = CifarResNet(1).eval()

@@ -86,6 +86,16 @@ class TestCheckpoint:
             assert torch.equal(model.eval()(images), restored.eval()(images))
         assert torch.equal(dynroute.routing_paths(model), dynroute.routing_paths(restored))
 
+    def test_compiled_model_is_saved_and_loaded_with_its_own_keys(self, tmp_path) -> None:
+        model = _routed()
+        dynroute.save_checkpoint(tmp_path / "ckpt.pt", torch.compile(model))  # wraps; compiles at the first call
+        saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"]
+        assert set(saved) == set(model.state_dict())
+        restored = _routed()
+        dynroute.load_checkpoint(tmp_path / "ckpt.pt", torch.compile(restored))
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), restored.state_dict().values()))
+        assert dynroute.macs_table(torch.compile(restored)) is dynroute.macs_table(restored)
+
     def test_dense_model(self, tmp_path) -> None:
         model = CifarResNet(1)
         dynroute.save_checkpoint(tmp_path / "dense.pt", model)
