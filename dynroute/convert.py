@@ -26,6 +26,11 @@ def _default_input_size(model: nn.Module) -> tuple[int, int, int]:
     )
 
 
+def _supported_names() -> list[str]:
+    """Module-qualified names of the registered block types (timm's and torchvision's share class names)."""
+    return [f"{block_type.__module__}.{block_type.__qualname__}" for block_type in registered_block_types()]
+
+
 def _find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Registered residual blocks by dotted name; a subclass of a registered type is an error."""
     registered = registered_block_types()
@@ -46,8 +51,8 @@ def _find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
         elif isinstance(module, registered):
             raise TypeError(
                 f"block {name!r} is a {type(module).__qualname__}, a subclass of a supported block that may "
-                f"compute differently; supported exactly: {[t.__qualname__ for t in registered]}. Teach the "
-                "converter with dynroute.register_block(type(block), dynroute.BlockAdapter(...))"
+                f"compute differently; supported exactly: {_supported_names()}. Teach the converter with "
+                "dynroute.register_block(type(block), dynroute.BlockAdapter(...))"
             )
     return blocks
 
@@ -110,7 +115,7 @@ def convert_resnet(
     if not found:
         raise TypeError(
             f"{type(model).__name__} has no supported residual blocks; supported: "
-            f"{[t.__module__ + '.' + t.__qualname__ for t in registered_block_types()]}. "
+            f"{_supported_names()}. "
             "Teach the converter yours with dynroute.register_block(BlockType, dynroute.BlockAdapter(...))"
         )
     selected = _select(found, blocks)

@@ -89,8 +89,8 @@ def train_transform(
         dataset: a dataset name; SVHN (and other digit sets) get the crop only, no flip.
         image_size: side of the square crop.
         padding: zero padding on each side before cropping.
-        mean: per-channel normalisation mean; the default is ImageNet's, which the pretrained
-            CIFAR ResNets under ``../shared`` were trained with.
+        mean: per-channel normalisation mean; the default is ImageNet's, which the widely used
+            pretrained CIFAR ResNets (Yerlan Idelbayev's pytorch_resnet_cifar10) were trained with.
         std: per-channel normalisation standard deviation.
     """
     augment: list = [T.RandomCrop(image_size, padding=padding)]

@@ -74,16 +74,17 @@ class MacsTable:
 
     def format(self) -> str:
         """A printable table: one row per gated block, then the totals."""
-        width = max(len(name) for name in self.block_names)
+        totals = {
+            "always paid (stem, shortcuts, head)": f"{self.base_macs:>14,}",
+            "dense network": f"{self.dense_macs:>14,}",
+            "every gate closed": f"{self.fixed_macs:>14,}  "
+            f"({100 * self.fixed_cost():.1f}% of dense, input {tuple(self.input_size)})",
+        }
+        width = max(len(name) for name in (*self.block_names, *totals))
         rows = [f"{'block':<{width}}  {'MACs':>14}  {'router MACs':>11}  {'router %':>8}"]
         for name, block, router in zip(self.block_names, self.block_macs, self.router_macs):
             rows.append(f"{name:<{width}}  {block:>14,}  {router:>11,}  {100 * router / block:>7.2f}%")
-        rows.append(f"{'always paid (stem, shortcuts, head)':<{width}}  {self.base_macs:>14,}")
-        rows.append(f"{'dense network':<{width}}  {self.dense_macs:>14,}")
-        rows.append(
-            f"{'every gate closed':<{width}}  {self.fixed_macs:>14,}  "
-            f"({100 * self.fixed_cost():.1f}% of dense, input {tuple(self.input_size)})"
-        )
+        rows += [f"{label:<{width}}  {figures}" for label, figures in totals.items()]
         return "\n".join(rows)
 
     def __str__(self) -> str:

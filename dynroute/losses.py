@@ -6,6 +6,7 @@ shape (L * M, n_blocks) whose rows ``i * M .. i * M + M - 1`` are the views of s
 """
 
 import functools
+import math
 from collections.abc import Callable
 
 import torch
@@ -55,9 +56,10 @@ def _check_paths(paths: Tensor, num_views: int | None = None) -> None:
         raise ValueError(f"paths must be floating point, but got {paths.dtype}; use paths.float()")
     if paths.shape[0] == 0:
         raise ValueError("paths hold an empty batch; the losses need at least one sample")
+    if paths.shape[1] == 0:
+        raise ValueError("paths have no blocks (shape (N, 0)); the model needs gated blocks (dynroute.convert_resnet)")
     if num_views is not None:
-        if not isinstance(num_views, int) or num_views < 1:
-            raise ValueError(f"num_views must be a positive int, but got {num_views!r}")
+        _check_num_views(num_views)
         if paths.shape[0] % num_views:
             raise ValueError(
                 f"a batch of {paths.shape[0]} paths does not split into views of {num_views}; lay the batch out as "
@@ -71,6 +73,32 @@ def _check_paths(paths: Tensor, num_views: int | None = None) -> None:
                 "paths must be finite gate values in [0, 1], but got "
                 f"{'NaN or inf' if not bool(finite) else 'values outside [0, 1]'}; pass gates, not router logits"
             )
+
+
+def _check_num_views(num_views: int) -> None:
+    if isinstance(num_views, bool) or not isinstance(num_views, int) or num_views < 1:
+        raise ValueError(f"num_views must be a positive int (M, the views per sample), but got {num_views!r}")
+
+
+def _check_margin(margin: float) -> None:
+    if not 0.0 <= margin < math.inf:  # NaN fails too
+        raise ValueError(f"margin must be a finite distance >= 0, but got {margin!r}")
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, but got {reduction!r}")
+
+
+def _check_target(target: float | None, reduction: str) -> None:
+    if target is None:
+        return
+    if not 0.0 < target <= 1.0 + 1e-6:
+        raise ValueError(f"target must be a fraction of dense MACs in (0, 1], but got {target}")
+    if reduction != "mean":
+        raise ValueError(
+            f"a target budget constrains the batch mean, so reduction must be 'mean', but got {reduction!r}"
+        )
 
 
 def _reduce(values: Tensor, reduction: str) -> Tensor:
@@ -106,6 +134,7 @@ def consistency_loss(paths: Tensor, num_views: int, margin: float = 0.2, reducti
         reduction: ``"mean"`` (Eq. 8), ``"sum"``, or ``"none"`` for a (L * M,) tensor.
     """
     _check_paths(paths, num_views)
+    _check_margin(margin)
     if num_views < 2:
         raise ValueError(
             f"consistency needs at least 2 views per sample, but got num_views={num_views}; build M >= 2 views "
@@ -117,16 +146,18 @@ def consistency_loss(paths: Tensor, num_views: int, margin: float = 0.2, reducti
 
 
 @_in_float32
-def diversity_loss(paths: Tensor, num_views: int = 1, margin: float = 0.5, reduction: str = "mean") -> Tensor:
+def diversity_loss(paths: Tensor, num_views: int, margin: float = 0.5, reduction: str = "mean") -> Tensor:
     """Eq. 9: ``[ m_d - ||c_i - c_j||_2 ]_+^2`` averaged over the L (L - 1) ordered pairs i != j.
 
     Args:
         paths: relaxed paths (L * M, n_blocks), sample-major; centres c_i are the means over views.
-        num_views: M, the views per sample (1 is fine: then c_i is the path itself).
+        num_views: M, the views per sample (1 is fine: then c_i is the path itself). Required, as in
+            :func:`consistency_loss`: M views of one image taken for M images would be pushed apart.
         margin: m_d.
         reduction: ``"mean"`` (Eq. 9), ``"sum"``, or ``"none"`` for the (L, L) matrix with a zero diagonal.
     """
     _check_paths(paths, num_views)
+    _check_margin(margin)
     centres = _centres(paths, num_views)
     if centres.shape[0] < 2:
         raise ValueError(f"diversity needs at least 2 samples in the batch, but got {centres.shape[0]}")
@@ -170,12 +201,7 @@ def cost_loss(
     costs = path_costs(paths, block_costs, fixed_cost)
     if target is None:
         return _reduce(costs, reduction)
-    if not 0.0 < target <= 1.0 + 1e-6:
-        raise ValueError(f"target must be a fraction of dense MACs in (0, 1], but got {target}")
-    if reduction != "mean":
-        raise ValueError(
-            f"a target budget constrains the batch mean, so reduction must be 'mean', but got {reduction!r}"
-        )
+    _check_target(target, reduction)
     return (costs.mean() - target).pow(2)
 
 
@@ -189,6 +215,9 @@ class ConsistencyLoss(nn.Module):
 
     def __init__(self, num_views: int, margin: float = 0.2, reduction: str = "mean") -> None:
         super().__init__()
+        _check_num_views(num_views)
+        _check_margin(margin)
+        _check_reduction(reduction)
         self.num_views, self.margin, self.reduction = num_views, margin, reduction
 
     def forward(self, paths: Tensor) -> Tensor:
@@ -201,8 +230,11 @@ class ConsistencyLoss(nn.Module):
 class DiversityLoss(nn.Module):
     """Eq. 9 as a module; see :func:`diversity_loss`."""
 
-    def __init__(self, num_views: int = 1, margin: float = 0.5, reduction: str = "mean") -> None:
+    def __init__(self, num_views: int, margin: float = 0.5, reduction: str = "mean") -> None:
         super().__init__()
+        _check_num_views(num_views)
+        _check_margin(margin)
+        _check_reduction(reduction)
         self.num_views, self.margin, self.reduction = num_views, margin, reduction
 
     def forward(self, paths: Tensor) -> Tensor:
@@ -226,6 +258,8 @@ class CostLoss(nn.Module):
 
     def __init__(self, table: MacsTable, target: float | None = None, reduction: str = "mean") -> None:
         super().__init__()
+        _check_reduction(reduction)
+        _check_target(target, reduction)
         self.register_buffer("block_costs", table.block_costs(), persistent=False)
         self.fixed_cost = table.fixed_cost()
         self.target, self.reduction = target, reduction

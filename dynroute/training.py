@@ -31,8 +31,11 @@ def set_stage(model: nn.Module, stage: Stage) -> nn.Module:
 
     Stage 1: relaxed gates in train mode, routers trainable. Stage 2: hard decisions in train mode
     too (``GatedBlock.hard_decisions``) and router parameters frozen (``requires_grad=False``).
-    Build the optimizer after switching, or give it only parameters that still require grad:
-    :func:`block_parameters` is the same in both stages.
+    An optimizer built once over all parameters keeps working: in stage 2 the routers get no
+    gradient, so after ``optimizer.zero_grad()`` (``set_to_none=True``, PyTorch's default) their
+    ``.grad`` stays None and SGD, Adam and AdamW leave them alone. With
+    ``zero_grad(set_to_none=False)`` momentum and weight decay would still move them: then build
+    the optimizer after switching, over :func:`block_parameters`.
 
     Returns:
         The same model, for chaining.

@@ -47,9 +47,16 @@ def build_dense(args: argparse.Namespace, num_classes: int, weights: str | None)
     model = timm.create_model(args.model, pretrained=hub, num_classes=num_classes)
     if weights and not hub:
         state = timm.models.load_state_dict(weights)
-        if state.get("fc.weight") is not None and state["fc.weight"].shape[0] != num_classes:
+        new_head = state.get("fc.weight") is not None and state["fc.weight"].shape[0] != num_classes
+        if new_head:
             state = {key: value for key, value in state.items() if not key.startswith("fc.")}
-        model.load_state_dict(state, strict=False)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [key for key in missing if not (new_head and key.startswith("fc."))]
+        if missing or unexpected:
+            raise SystemExit(
+                f"{weights} does not fit --model {args.model}: missing {missing[:5]}, unexpected {unexpected[:5]}; "
+                "pass the checkpoint of the same architecture"
+            )
     return model
 
 

@@ -61,7 +61,7 @@ CASES = [
     ),
     (
         "nan-paths",
-        lambda model, table: dynroute.diversity_loss(torch.tensor([[0.5, float("nan")], [0.1, 0.2]])),
+        lambda model, table: dynroute.diversity_loss(torch.tensor([[0.5, float("nan")], [0.1, 0.2]]), 1),
         ValueError,
         r"finite gate values in \[0, 1\], but got NaN or inf; pass gates, not router logits",
     ),
@@ -73,7 +73,7 @@ CASES = [
     ),
     (
         "integer-paths",
-        lambda model, table: dynroute.diversity_loss(torch.ones(4, 3, dtype=torch.long)),
+        lambda model, table: dynroute.diversity_loss(torch.ones(4, 3, dtype=torch.long), 1),
         ValueError,
         r"floating point, but got torch.int64; use paths.float\(\)",
     ),
@@ -157,7 +157,7 @@ CASES = [
     ),
     (
         "bad-cost-target",
-        lambda model, table: dynroute.CostLoss(table, target=60)(_paths()),
+        lambda model, table: dynroute.CostLoss(table, target=60),
         ValueError,
         r"fraction of dense MACs in \(0, 1\], but got 60",
     ),

@@ -1,5 +1,6 @@
 """Smoke runs of the training examples on tiny generated data, and the original CoDiNet command line."""
 
+import argparse
 import csv
 import json
 import os
@@ -254,6 +255,16 @@ class TestTrainImagenet:
         dense = count_macs(timm.create_model("resnet18", num_classes=2), (3, 32, 32)).total()
         assert report["dense_macs"] == dense and 0 < report["macs_fraction"] <= 1.01
         assert (tmp_path / "runs" / "smoke" / "last.pt").exists()
+
+    def test_dense_checkpoint_must_fit_the_model(self, tmp_path: Path) -> None:
+        args = argparse.Namespace(model="resnet18")
+        pretrained = timm.create_model("resnet18")  # 1000 classes: the head is replaced, the rest loads
+        torch.save(pretrained.state_dict(), tmp_path / "resnet18.pth")
+        model = train_imagenet.build_dense(args, 2, str(tmp_path / "resnet18.pth"))
+        torch.testing.assert_close(model.conv1.weight, pretrained.conv1.weight, atol=0, rtol=0)
+        torch.save(timm.create_model("resnet34").state_dict(), tmp_path / "resnet34.pth")
+        with pytest.raises(SystemExit, match=r"does not fit --model resnet18: .*unexpected \['layer1.2"):
+            train_imagenet.build_dense(args, 2, str(tmp_path / "resnet34.pth"))
 
 
 class TestQuickstart:

@@ -70,6 +70,14 @@ class TestMacsTable:
         text = str(table)
         assert all(name in text for name in table.block_names)
         assert f"{table.dense_macs:,}" in text
+        # The MAC column lines up on every row, block rows and totals alike.
+        macs_ends = {
+            line.index(f"{macs:,}") + len(f"{macs:,}")
+            for line, macs in zip(
+                text.splitlines()[1:], [*table.block_macs, table.base_macs, table.dense_macs, table.fixed_macs]
+            )
+        }
+        assert len(macs_ends) == 1 and text.splitlines()[0].index("MACs") + 4 in macs_ends
 
     def test_bad_input_size_and_unconverted_model(self):
         model = dynroute.convert_resnet(dynroute.models.resnet20(), input_size=(3, 32, 32))

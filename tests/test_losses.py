@@ -78,7 +78,7 @@ class TestDiversity:
 
     def test_identical_samples_have_finite_gradients(self):
         paths = torch.full((4, 3), 0.5, requires_grad=True)
-        loss = dynroute.diversity_loss(paths)
+        loss = dynroute.diversity_loss(paths, num_views=1)
         loss.backward()
         assert loss.item() == pytest.approx(0.25) and torch.isfinite(paths.grad).all()
 
@@ -87,7 +87,7 @@ class TestDiversity:
             dynroute.diversity_loss(torch.rand(2, 3), num_views=2)
 
     def test_none_reduction_is_the_pair_matrix(self):
-        matrix = dynroute.diversity_loss(torch.rand(4, 3), reduction="none")
+        matrix = dynroute.diversity_loss(torch.rand(4, 3), 1, reduction="none")
         assert matrix.shape == (4, 4) and matrix.diagonal().eq(0).all()
 
 
@@ -149,7 +149,34 @@ class TestPathValidation:
     )
     def test_bad_paths(self, paths, message):
         with pytest.raises(ValueError, match=message):
-            dynroute.diversity_loss(paths)
+            dynroute.diversity_loss(paths, num_views=1)
+
+    @pytest.mark.parametrize(
+        "build, message",
+        [
+            (lambda: dynroute.ConsistencyLoss(num_views=True), "num_views must be a positive int"),
+            (lambda: dynroute.DiversityLoss(num_views=0), "num_views must be a positive int"),
+            (lambda: dynroute.DiversityLoss(), "num_views"),
+            (lambda: dynroute.ConsistencyLoss(2, margin=-0.2), "margin must be a finite distance >= 0"),
+            (lambda: dynroute.DiversityLoss(2, margin=float("nan")), "margin must be a finite distance >= 0"),
+            (lambda: dynroute.DiversityLoss(2, reduction="max"), "reduction must be one of"),
+            (lambda: dynroute.diversity_loss(torch.rand(4, 3), 1, margin=-1.0), "margin"),
+            (lambda: dynroute.consistency_loss(torch.rand(4, 0), 2), "paths have no blocks"),
+        ],
+        ids=[
+            "bool-views",
+            "zero-views",
+            "views-omitted",
+            "negative-margin",
+            "nan-margin",
+            "bad-reduction",
+            "functional-margin",
+            "no-blocks",
+        ],
+    )
+    def test_bad_settings_fail_at_construction(self, build, message):
+        with pytest.raises((ValueError, TypeError), match=message):
+            build()
 
     def test_bad_reduction(self):
         with pytest.raises(ValueError, match="reduction"):
