@@ -12,20 +12,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.torch_version import TorchVersion
 
 __all__ = ["Router", "relaxed_gate", "hard_gate"]
-
-if TorchVersion(torch.__version__) >= (2, 4):
-
-    def _autocast_enabled(device_type: str) -> bool:
-        return torch.is_autocast_enabled(device_type)
-
-else:  # no per-device query before torch 2.4: always enter the disabling context
-
-    def _autocast_enabled(device_type: str) -> bool:
-        return True
-
 
 Relaxation = Literal["gumbel", "straight_through"]
 _RELAXATIONS = ("gumbel", "straight_through")
@@ -132,7 +120,7 @@ class Router(nn.Module):
         dtype = weight.dtype if isinstance(weight, Tensor) else torch.float32
         if x.dtype != dtype:
             x = x.to(dtype)
-        if not _autocast_enabled(x.device.type):
+        if not torch.is_autocast_enabled(x.device.type):
             return self._mlp(x)
         with torch.autocast(x.device.type, enabled=False):
             return self._mlp(x)

@@ -5,6 +5,7 @@ import importlib.util
 import pytest
 import torch
 from routed_models import images, routed_model
+from torch.torch_version import TorchVersion
 
 import dynroute
 
@@ -61,6 +62,9 @@ class TestTorchExport:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    TorchVersion(torch.__version__) < (2, 5), reason="torch.onnx.export(program, dynamo=True) needs torch 2.5"
+)
 @pytest.mark.skipif(
     not all(importlib.util.find_spec(name) for name in ("onnx", "onnxscript", "onnxruntime")),
     reason="ONNX export needs the optional extra: pip install 'dynroute[export]' (onnx, onnxscript, onnxruntime)",
