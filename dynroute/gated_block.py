@@ -76,9 +76,14 @@ def has_forward_hooks(module: nn.Module) -> bool:
     return False
 
 
+def has_global_forward_hooks() -> bool:
+    """Whether a global forward or forward-pre hook (``nn.modules.module.register_module_forward_hook``) is set."""
+    return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
+
+
 def _observed(module: nn.Module) -> bool:
     """Whether a forward hook, global or on ``module`` or inside it, could hold a tensor of its forward."""
-    return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks) or has_forward_hooks(module)
+    return has_global_forward_hooks() or has_forward_hooks(module)
 
 
 def _routed_rows(decision: Tensor) -> tuple[int, Tensor | None]:
@@ -111,7 +116,8 @@ class GatedBlock(nn.Module):
         hard_decisions: use hard argmax decisions in train mode too (stage 2 of CoDiNet).
         execution: how hard decisions run: ``"sparse"`` (default) computes the residual branch
             only for routed samples; ``"masked"`` computes it for all and multiplies by the 0/1
-            gate, a static graph that saves nothing (what other implementations do).
+            gate, a static graph that saves nothing (what other implementations do). In training,
+            a block that routes a single sample of a batch runs masked: batch norm needs more rows.
         last_gate: gate values (N,) of the last forward (relaxed in training, 0/1 otherwise).
         last_logits: router logits (N, 2) of the last forward.
         last_input_shape: input shape of the last forward, for MAC accounting.

@@ -13,9 +13,8 @@ already their own ReLU and need no pass at all. :func:`dynroute.convert_resnet` 
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules import module as nn_module
 
-from dynroute.gated_block import GatedBlock, has_forward_hooks
+from dynroute.gated_block import GatedBlock, has_forward_hooks, has_global_forward_hooks
 
 __all__ = ["GatedSequential", "adopt_stage"]
 
@@ -34,9 +33,7 @@ class GatedSequential(nn.Sequential):
         """(N, C, H, W) -> the output of the last module, as ``nn.Sequential`` computes it."""
         private = False  # x is a buffer only this loop holds
         relu_output = False  # x came out of an nn.ReLU
-        scratch_allowed = not (
-            torch.is_grad_enabled() or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
-        )
+        scratch_allowed = not (torch.is_grad_enabled() or has_global_forward_hooks())
         for module in self:
             if not (scratch_allowed and isinstance(module, GatedBlock)):
                 x, private, relu_output = module(x), False, False
