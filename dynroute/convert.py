@@ -121,7 +121,7 @@ def convert_resnet(
     selected = _select(found, blocks)
     if not selected:
         raise ValueError(f"blocks={blocks!r} selects none of the residual blocks {[n for n, _ in found]}")
-    replaced: list[tuple[nn.Module, str, nn.Module, type[nn.Module]]] = []  # parent, name, block, parent class
+    replaced: list[tuple[nn.Module, str, GatedBlock, type[nn.Module]]] = []  # parent, name, gated, parent class
     hook = None
     try:
         for name, block in selected:
@@ -132,9 +132,9 @@ def convert_resnet(
                 router.to(device=parameter.device, dtype=parameter.dtype)
             parent_name, _, child_name = name.rpartition(".")
             parent = model.get_submodule(parent_name)
-            replaced.append((parent, child_name, block, type(parent)))
             gated = GatedBlock(block, router)
             gated.train(block.training)
+            replaced.append((parent, child_name, gated, type(parent)))
             setattr(parent, child_name, gated)
             adopt_stage(parent)
         hook = model.register_forward_pre_hook(_check_input)
@@ -145,11 +145,10 @@ def convert_resnet(
     return model
 
 
-def _restore(replaced: list[tuple[nn.Module, str, nn.Module, type[nn.Module]]], hook: Any) -> None:
+def _restore(replaced: list[tuple[nn.Module, str, GatedBlock, type[nn.Module]]], hook: Any) -> None:
     """Undo a conversion that failed part way: the original blocks, stage classes and no input hook."""
     if hook is not None:
         hook.remove()
-    for parent, child_name, block, parent_class in reversed(replaced):
-        block._modules.pop("router", None)  # a GatedBlock shares its block's children; the router joined them
-        setattr(parent, child_name, block)
+    for parent, child_name, gated, parent_class in reversed(replaced):
+        setattr(parent, child_name, gated._release_block())
         parent.__class__ = parent_class

@@ -157,6 +157,11 @@ class GatedBlock(nn.Module):
         # graph, which copy.deepcopy (EMA models, build_macs_table, export) cannot copy.
         return {**super().__getstate__(), "_last_gate": None, "last_logits": None}
 
+    def _release_block(self) -> nn.Module:
+        """The wrapped block as it was before wrapping: the router leaves the children both modules share."""
+        del self.block._modules["router"]
+        return self.block
+
     @property
     def adapter(self) -> BlockAdapter:
         """The adapter of the wrapped block's type."""

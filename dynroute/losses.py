@@ -102,13 +102,12 @@ def _check_target(target: float | None, reduction: str) -> None:
 
 
 def _reduce(values: Tensor, reduction: str) -> Tensor:
+    _check_reduction(reduction)
     if reduction == "mean":
         return values.mean()
     if reduction == "sum":
         return values.sum()
-    if reduction == "none":
-        return values
-    raise ValueError(f"reduction must be one of {_REDUCTIONS}, but got {reduction!r}")
+    return values
 
 
 def _safe_norm(difference: Tensor) -> Tensor:
