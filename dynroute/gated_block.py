@@ -10,9 +10,9 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules import module as nn_module
 
 from dynroute.adapters import BlockAdapter, get_adapter
+from dynroute.hooks import observed
 from dynroute.router import Router, hard_decision
 
 __all__ = ["GatedBlock", "ForcedGate", "Execution"]
@@ -64,28 +64,6 @@ def _add(residual: Tensor, shortcut: Tensor, x: Tensor, inplace: bool) -> Tensor
     return shortcut + residual
 
 
-def has_forward_hooks(module: nn.Module) -> bool:
-    """Whether ``module`` or any module inside it has a forward or forward-pre hook (global ones aside)."""
-    modules = [module]
-    for submodule in modules:  # a breadth-first walk over a list that grows as it goes
-        if submodule is None:
-            continue
-        if submodule._forward_hooks or submodule._forward_pre_hooks:
-            return True
-        modules += submodule._modules.values()
-    return False
-
-
-def has_global_forward_hooks() -> bool:
-    """Whether a global forward or forward-pre hook (``nn.modules.module.register_module_forward_hook``) is set."""
-    return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
-
-
-def _observed(module: nn.Module) -> bool:
-    """Whether a forward hook, global or on ``module`` or inside it, could hold a tensor of its forward."""
-    return has_global_forward_hooks() or has_forward_hooks(module)
-
-
 def _routed_rows(decision: Tensor) -> tuple[int, Tensor | None]:
     """How many rows a 0/1 decision (N,) runs, and their indices; a batch of one is a plain ``if``, no indices."""
     if decision.shape[0] == 1:
@@ -121,6 +99,8 @@ class GatedBlock(nn.Module):
         last_gate: gate values (N,) of the last forward (relaxed in training, 0/1 otherwise).
         last_logits: router logits (N, 2) of the last forward.
         last_input_shape: input shape of the last forward, for MAC accounting.
+        last_forward_unobserved: whether the last forward ran without autograd and without a hook
+            (global, on this block or inside it) that could hold its tensors.
 
     Example:
         >>> block = dynroute.models.CifarBasicBlock(16, 16)
@@ -151,6 +131,7 @@ class GatedBlock(nn.Module):
         self._last_gate: Tensor | None = None
         self.last_logits: Tensor | None = None
         self.last_input_shape: torch.Size | None = None
+        self.last_forward_unobserved = False
 
     def __getstate__(self) -> dict:
         # Copies and pickles leave out the last forward's gates: in training they hold an autograd
@@ -210,7 +191,7 @@ class GatedBlock(nn.Module):
         check_image_batch(x, "GatedBlock")
         adapter, router = self.adapter, self.router
         # Whether this forward's own buffers (branch output, downsampling shortcut) may be written in place.
-        scratch = not torch.is_grad_enabled() and not _observed(self)
+        scratch = not torch.is_grad_enabled() and not observed(self)
         reuse_input = reuse_input and scratch
         logits = router(x)
         shortcut = adapter.shortcut(self.block, x)
@@ -233,7 +214,9 @@ class GatedBlock(nn.Module):
             out = out.clone()  # a skipped block: an in-place activation must not touch the input or a held shortcut
         # Plain attributes, never parameters or modules: skip nn.Module.__setattr__'s registry checks,
         # which cost about as much as a small kernel launch on this per-block hot path.
-        self.__dict__.update(_last_gate=gate, last_logits=logits, last_input_shape=x.shape)
+        self.__dict__.update(
+            _last_gate=gate, last_logits=logits, last_input_shape=x.shape, last_forward_unobserved=scratch
+        )
         return out if activated else adapter.activation(self.block, out)
 
     @property

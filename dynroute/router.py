@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dynroute.hooks import has_global_forward_hooks
+
 __all__ = ["Router", "relaxed_gate", "hard_gate"]
 
 Relaxation = Literal["gumbel", "straight_through"]
@@ -39,6 +41,14 @@ def relaxed_gate(
         raise ValueError(f"relaxation must be one of {_RELAXATIONS}, but got {relaxation!r}")
     sample = F.gumbel_softmax(logits.float(), tau=temperature, hard=relaxation == "straight_through")
     return sample[:, 1]
+
+
+def _stock_and_unhooked(fc1: nn.Module, act: nn.Module, fc2: nn.Module) -> bool:
+    """Whether the router's layers are exactly ``nn.Linear``, ``nn.ReLU``, ``nn.Linear`` with no forward hook."""
+    if type(fc1) is not nn.Linear or type(act) is not nn.ReLU or type(fc2) is not nn.Linear:
+        return False
+    hooked = any(layer._forward_hooks or layer._forward_pre_hooks for layer in (fc1, act, fc2))
+    return not (hooked or has_global_forward_hooks())
 
 
 def hard_decision(logits: Tensor) -> Tensor:
@@ -128,8 +138,14 @@ class Router(nn.Module):
     def _mlp(self, x: Tensor) -> Tensor:
         # The pooling is one `mean` (no pool-then-flatten; as fast or faster than adaptive_avg_pool2d at
         # every size measured). The layers are called as modules, so hooks, quantization and other
-        # module swaps apply to them.
-        return self.fc2(self.act(self.fc1(x.mean((2, 3)))))
+        # module swaps apply to them. Inference with the stock layers and no hook on them runs the
+        # same ops (bit for bit) without the three module dispatches, which at batch 1 cost more than
+        # the ops themselves.
+        pooled = x.mean((2, 3))
+        fc1, act, fc2 = self.fc1, self.act, self.fc2
+        if torch.is_grad_enabled() or not _stock_and_unhooked(fc1, act, fc2):
+            return fc2(act(fc1(pooled)))
+        return F.linear(F.relu(F.linear(pooled, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
 
     def gate(self, logits: Tensor, hard: bool) -> Tensor:
         """Gate values (N,): relaxed per Eq. 7 unless ``hard``, else the argmax decision."""

@@ -14,7 +14,8 @@ already their own ReLU and need no pass at all. :func:`dynroute.convert_resnet` 
 import torch
 from torch import Tensor, nn
 
-from dynroute.gated_block import GatedBlock, has_forward_hooks, has_global_forward_hooks
+from dynroute.gated_block import GatedBlock
+from dynroute.hooks import has_global_forward_hooks
 
 __all__ = ["GatedSequential", "adopt_stage"]
 
@@ -23,10 +24,10 @@ class GatedSequential(nn.Sequential):
     """``nn.Sequential`` whose gated blocks may reuse the previous gated block's output buffer.
 
     Block ``k`` gets ``reuse_input=True`` when its input is a tensor gated block ``k - 1`` created in
-    this forward, autograd is off, and no forward or forward-pre hook (global, on either block or
-    on anything inside them) could have kept a reference to it; and ``relu_input=True`` when block
-    ``k - 1`` ends with an ``nn.ReLU``. The stage's own input is never written to. Outputs are
-    those of ``nn.Sequential``.
+    this forward, autograd is off, and no global hook or hook on block ``k - 1`` (or anything inside
+    it) could have kept a reference to it; block ``k`` itself declines the offer if a hook could see
+    its own tensors. It gets ``relu_input=True`` when block ``k - 1`` ends with an ``nn.ReLU``. The
+    stage's own input is never written to. Outputs are those of ``nn.Sequential``.
     """
 
     def forward(self, x: Tensor) -> Tensor:
@@ -38,9 +39,9 @@ class GatedSequential(nn.Sequential):
             if not (scratch_allowed and isinstance(module, GatedBlock)):
                 x, private, relu_output = module(x), False, False
                 continue
-            unhooked = not has_forward_hooks(module)
-            output = module(x, reuse_input=private and unhooked, relu_input=relu_output)
-            private = unhooked and (private or output is not x)
+            output = module(x, reuse_input=private, relu_input=relu_output)
+            # The block has just checked for hooks that could see its tensors: one walk, not two.
+            private = module.last_forward_unobserved and (private or output is not x)
             relu_output = module.ends_with_relu
             x = output
         return x

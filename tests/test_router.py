@@ -76,6 +76,29 @@ class TestRouter:
         router.fc2 = torch.nn.Sequential(router.fc2, torch.nn.Tanh())
         torch.testing.assert_close(router(x), torch.tanh(logits))
 
+    @pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
+    def test_layers_run_as_modules_in_inference_too(self, context):
+        router = Router(16).eval()
+        seen = []
+        router.act.register_forward_pre_hook(lambda module, args: seen.append("act"))
+        x = torch.randn(3, 16, 4, 4)
+        with context():
+            router(x)
+            assert seen == ["act"]
+            tanh_logits = torch.tanh(router(x))
+            router.fc2 = torch.nn.Sequential(router.fc2, torch.nn.Tanh())
+            torch.testing.assert_close(router(x), tanh_logits)
+
+    def test_inference_skips_module_dispatch_with_the_same_logits(self, monkeypatch):
+        router = Router(24, hidden_channels=16).eval()
+        torch.nn.init.normal_(router.fc2.weight, std=3.0)
+        x = torch.randn(5, 24, 7, 7)
+        dispatched = router(x)  # autograd on: the layers run as modules
+        with torch.no_grad():
+            # Stock layers without hooks run as bare ops: a Linear module call would fail here.
+            monkeypatch.setattr(torch.nn.Linear, "forward", lambda self, input: 1 / 0)
+            assert torch.equal(router(x), dispatched)
+
     def test_extra_repr_tells_the_settings(self):
         assert "relaxation='straight_through'" in repr(Router(16, relaxation="straight_through"))
 

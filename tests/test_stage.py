@@ -13,13 +13,18 @@ from dynroute.models import CifarResNet
 
 
 def _record_flags(monkeypatch, flag: str) -> list[bool]:
-    """The value of keyword ``flag`` each gated block is called with, in call order."""
+    """The value of keyword ``flag`` each gated block is called with, in call order.
+
+    For ``reuse_input``, the value the block acted on: it declines the offer when a hook could see its tensors.
+    """
     flags: list[bool] = []
     forward = GatedBlock.forward
 
     def recording_forward(self, x, **kwargs):
-        flags.append(kwargs.get(flag, False))
-        return forward(self, x, **kwargs)
+        output = forward(self, x, **kwargs)
+        accepted = self.last_forward_unobserved if flag == "reuse_input" else True
+        flags.append(kwargs.get(flag, False) and accepted)
+        return output
 
     monkeypatch.setattr(GatedBlock, "forward", recording_forward)
     return flags
@@ -27,7 +32,7 @@ def _record_flags(monkeypatch, flag: str) -> list[bool]:
 
 @pytest.fixture
 def reuse_flags(monkeypatch):
-    """The ``reuse_input`` each gated block is called with, in call order; tests clear it before their forward."""
+    """Whether each gated block could reuse its input (offered and accepted), in call order; tests clear it first."""
     return _record_flags(monkeypatch, "reuse_input")
 
 
