@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 from torchvision import transforms as T
 
+from dynroute.losses import check_num_views
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -44,8 +46,7 @@ class MultiViewTransform:
     """
 
     def __init__(self, transform: Callable[[Any], Tensor], num_views: int = 2) -> None:
-        if not isinstance(num_views, int) or num_views < 1:
-            raise ValueError(f"num_views must be a positive int, but got {num_views!r}")
+        check_num_views(num_views)
         self.transform = transform
         self.num_views = num_views
 

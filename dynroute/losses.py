@@ -59,7 +59,7 @@ def _check_paths(paths: Tensor, num_views: int | None = None) -> None:
     if paths.shape[1] == 0:
         raise ValueError("paths have no blocks (shape (N, 0)); the model needs gated blocks (dynroute.convert_resnet)")
     if num_views is not None:
-        _check_num_views(num_views)
+        check_num_views(num_views)
         if paths.shape[0] % num_views:
             raise ValueError(
                 f"a batch of {paths.shape[0]} paths does not split into views of {num_views}; lay the batch out as "
@@ -75,7 +75,8 @@ def _check_paths(paths: Tensor, num_views: int | None = None) -> None:
             )
 
 
-def _check_num_views(num_views: int) -> None:
+def check_num_views(num_views: int) -> None:
+    """Raise a ValueError unless ``num_views`` (M, the views per sample) is a positive int (not a bool)."""
     if isinstance(num_views, bool) or not isinstance(num_views, int) or num_views < 1:
         raise ValueError(f"num_views must be a positive int (M, the views per sample), but got {num_views!r}")
 
@@ -214,7 +215,7 @@ class ConsistencyLoss(nn.Module):
 
     def __init__(self, num_views: int, margin: float = 0.2, reduction: str = "mean") -> None:
         super().__init__()
-        _check_num_views(num_views)
+        check_num_views(num_views)
         _check_margin(margin)
         _check_reduction(reduction)
         self.num_views, self.margin, self.reduction = num_views, margin, reduction
@@ -231,7 +232,7 @@ class DiversityLoss(nn.Module):
 
     def __init__(self, num_views: int, margin: float = 0.5, reduction: str = "mean") -> None:
         super().__init__()
-        _check_num_views(num_views)
+        check_num_views(num_views)
         _check_margin(margin)
         _check_reduction(reduction)
         self.num_views, self.margin, self.reduction = num_views, margin, reduction

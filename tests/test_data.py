@@ -47,7 +47,7 @@ class TestMultiViewTransform:
         views = MultiViewTransform(train_transform("cifar10"), 8)(_image(1))
         assert len({tuple(view.flatten()[:64].tolist()) for view in views}) > 1
 
-    @pytest.mark.parametrize("bad", [0, -1, 2.0])
+    @pytest.mark.parametrize("bad", [0, -1, 2.0, True])
     def test_bad_num_views(self, bad) -> None:
         with pytest.raises(ValueError, match="num_views"):
             MultiViewTransform(T.ToTensor(), bad)
