@@ -234,7 +234,8 @@ def interleaved_times(variants: dict[str, Callable[[], object]], options: Timing
     return times
 
 
-def _paired_median_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
+def paired_median_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
+    """The median of the paired ratios numerator[i] / denominator[i] (repeats interleaved, so paired in time)."""
     return statistics.median(a / b for a, b in zip(numerator, denominator))
 
 
@@ -245,12 +246,12 @@ def build_networks(spec: ModelSpec, generator: torch.Generator) -> tuple[nn.Modu
     return dense, {execution: dynroute.set_execution(copy.deepcopy(routed), execution) for execution in EXECUTIONS}
 
 
-def _run_dense(network: nn.Module, images: list[Tensor]) -> Tensor:
+def run_dense(network: nn.Module, images: list[Tensor]) -> Tensor:
     """Logits of one forward per batch of ``images``, concatenated."""
     return torch.cat([network(batch) for batch in images])
 
 
-def _run_routed(
+def run_routed(
     network: nn.Module, override: FixedDecisions, logits: list[list[Tensor]], images: list[Tensor]
 ) -> Tensor:
     """Logits of one forward per batch of ``images``, each under its own fixed decisions, concatenated."""
@@ -283,14 +284,14 @@ def benchmark_model(
         draws = batch1_draws if batch == 1 else 1
         images = [torch.randn(batch, *spec.input_size, generator=generator).to(options.device) for _ in range(draws)]
         decisions = {rate: random_decisions(batch * draws, table.num_blocks, rate, generator) for rate in rates}
-        variants: dict[str, Callable[[], Tensor]] = {"dense": partial(_run_dense, dense, images)}
+        variants: dict[str, Callable[[], Tensor]] = {"dense": partial(run_dense, dense, images)}
         for rate in rates:
             logits = [
                 [tensor.to(options.device) for tensor in decision_logits(draw)] for draw in decisions[rate].split(batch)
             ]
             for execution in EXECUTIONS:
                 network, override = networks[execution], overrides[execution]
-                variants[f"{execution}@{rate}"] = partial(_run_routed, network, override, logits, images)
+                variants[f"{execution}@{rate}"] = partial(run_routed, network, override, logits, images)
         with torch.inference_mode():
             outputs = {key: run() for key, run in variants.items()}
             times = interleaved_times(variants, options)
@@ -307,7 +308,7 @@ def benchmark_model(
                         dense_ms=1e3 * statistics.median(times["dense"]) / draws,
                         routed_ms=1e3 * statistics.median(times[key]) / draws,
                         macs_ratio=macs_ratio(decisions[rate], table),
-                        time_ratio=_paired_median_ratio(times[key], times["dense"]),
+                        time_ratio=paired_median_ratio(times[key], times["dense"]),
                         max_abs_diff=diff,
                     )
                 )

@@ -1,5 +1,6 @@
 """The inference-speed benchmark runs, and the fixed decisions it imposes are the ones it measures."""
 
+import copy
 import importlib.util
 import math
 import sys
@@ -23,6 +24,7 @@ def _load_script(name: str):
 
 bench = _load_script("inference_speed")
 breakdown = _load_script("block_breakdown")
+floor = _load_script("routing_floor")
 
 
 @pytest.fixture(scope="module", params=["cifar_resnet20", "resnet26"])
@@ -32,6 +34,15 @@ def networks(request):
     spec = bench.ModelSpec(spec.factory, (3, 32, 32), spec.batches)
     dense, routed = bench.build_networks(spec, torch.Generator().manual_seed(0))
     return dense, routed, spec.input_size
+
+
+def _quick_main(script, *argv: str):
+    """``script.main`` with ``--quick`` at one thread (two crawl on shared cores); torch's threads restored."""
+    threads = torch.get_num_threads()
+    try:
+        return script.main(["--quick", "--threads", "1", *argv])
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _forward(model, decisions, images):
@@ -48,11 +59,7 @@ class TestQuickRun:
     """``--quick`` runs end to end in seconds and prints a sane table."""
 
     def test_quick_mode_prints_every_row(self, capsys):
-        threads = torch.get_num_threads()
-        try:  # one thread: two threads crawl when the cores are shared with other jobs
-            rows = bench.main(["--quick", "--repeats", "2", "--threads", "1"])
-        finally:
-            torch.set_num_threads(threads)
+        rows = _quick_main(bench, "--repeats", "2")
         out = capsys.readouterr().out
         assert len(rows) == 2 * 2 * 2 * 2  # models x batches x rates x executions
         assert {row.model for row in rows} == set(bench.QUICK_DEFAULTS["models"])
@@ -84,7 +91,7 @@ class TestFixedDecisions:
         try:
             with torch.inference_mode():
                 logits = [bench.decision_logits(draw) for draw in decisions.split(1)]
-                out = bench._run_routed(model, override, logits, images)
+                out = bench.run_routed(model, override, logits, images)
         finally:
             override.remove()
             handle.remove()
@@ -190,11 +197,45 @@ class TestBlockBreakdown:
         assert all(result[column] > 0 for column in ("dense", "sparse", "router", "branch all"))
 
     def test_quick_mode_prints_a_line_per_model_batch_and_rate(self, capsys):
-        threads = torch.get_num_threads()
-        try:
-            results = breakdown.main(["--quick", "--repeats", "1", "--threads", "1", "--rates", "0.5"])
-        finally:
-            torch.set_num_threads(threads)
+        results = _quick_main(breakdown, "--repeats", "1", "--rates", "0.5")
         out = capsys.readouterr().out
         assert len(results) == 2 * 2  # models x batches
         assert "promised / sparse" in out and len(out.strip().splitlines()) == 2 + 4
+
+
+class TestRoutingFloor:
+    """The batch-1 floors run the same paths as dynroute and give its logits; only the routing machinery differs."""
+
+    def test_quick_run_variants_give_dynroute_logits(self, capsys):
+        rows = _quick_main(floor, "--repeats", "1", "--rates", "0.5")
+        out = capsys.readouterr().out
+        assert [(row.model, row.variant) for row in rows] == [
+            (model, variant) for model in bench.QUICK_DEFAULTS["models"] for variant in floor.VARIANTS
+        ]
+        for row in rows:
+            assert row.max_abs_diff <= 1e-5
+            assert math.isfinite(row.time_ratio) and row.time_ratio > 0
+            assert (row.macs_ratio == 1.0) == (row.variant == "dense")
+            assert f"{row.efficiency:.3f}" in out
+
+    def test_chosen_blocks_follow_the_path(self):
+        dense = dynroute.models.resnet20().eval()
+        bench.randomize_batchnorm(dense, torch.Generator().manual_seed(0))
+        routed = dynroute.convert_resnet(copy.deepcopy(dense), input_size=(3, 32, 32)).eval()
+        network, blocks = floor.chosen_network(dense, routed, with_routers=True)
+        image = torch.randn(1, 3, 32, 32)
+        with torch.inference_mode():
+            assert torch.equal(network(image), dense(image))  # every block runs by default
+            for block in blocks:
+                block.run = False
+            torch.testing.assert_close(network(image), dynroute.force_gates(routed, "closed")(image), atol=1e-6, rtol=0)
+
+    def test_bare_router_gives_the_router_logits(self):
+        router = dynroute.Router(24).eval()
+        torch.nn.init.normal_(router.fc2.weight)
+        x = torch.randn(3, 24, 5, 5)
+        assert torch.equal(floor.bare_router(router)(x), router(x))
+
+    def test_other_batches_are_refused(self):
+        with pytest.raises(SystemExit, match="batch 1 only"):
+            floor.main(["--quick", "--batches", "4"])

@@ -38,6 +38,12 @@ class TestExecutedPages:
         namespace = run_page("getting-started.md", monkeypatch, tmp_path)
         assert namespace["record"].num_samples == 12
 
+    def test_fast_inference(self, monkeypatch, tmp_path):
+        namespace = run_page("how-to/fast-inference.md", monkeypatch, tmp_path)
+        paths = namespace["paths"]
+        assert paths.shape == (16, 9)
+        assert 0 < paths.sum() < paths.numel(), "the page's routers must skip some blocks and run others"
+
     def test_new_block(self, monkeypatch, tmp_path):
         namespace = run_page("how-to/new-block.md", monkeypatch, tmp_path)
         assert namespace["model"].blocks[0].__class__.__name__ == "GatedBlock"
