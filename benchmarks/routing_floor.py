@@ -67,6 +67,7 @@ class ChosenBlock(nn.Module):
         self.run = True
 
     def forward(self, x: Tensor) -> Tensor:
+        """(N, C_in, H, W) -> (N, C_out, H', W'), the block's output or its shortcut's, activated."""
         if self.router is not None:
             self.router(x)
         if self.run:
@@ -75,7 +76,10 @@ class ChosenBlock(nn.Module):
 
 
 def bare_router(router: dynroute.Router) -> Callable[[Tensor], Tensor]:
-    """The router's logits (N, 2) from four ops on its bound tensors: no module call, no check."""
+    """The router's logits (N, 2) from four ops on its bound tensors: no module call, no check.
+
+    Written for the default router (``nn.Linear`` layers with biases, ``nn.ReLU`` between them).
+    """
     w1, b1, w2, b2 = (p.detach() for p in (router.fc1.weight, router.fc1.bias, router.fc2.weight, router.fc2.bias))
 
     def logits(x: Tensor) -> Tensor:
@@ -119,6 +123,7 @@ class FloorRow:
 
     @property
     def efficiency(self) -> float:
+        """Time speedup / MAC speedup, as in ``inference_speed.Row``."""
         return self.macs_ratio / self.time_ratio
 
 
@@ -143,10 +148,12 @@ def floor_rows(
         variants[f"chosen blocks@{rate}"] = partial(run_chosen, *chosen[False], paths, images)
         variants[f"+ bare routers@{rate}"] = partial(run_chosen, *chosen[True], paths, images)
         variants[f"dynroute@{rate}"] = partial(run_routed, routed, override, logits, images)
-    with torch.inference_mode():
-        outputs = {key: run() for key, run in variants.items()}
-        times = interleaved_times(variants, options)
-    override.remove()
+    try:
+        with torch.inference_mode():
+            outputs = {key: run() for key, run in variants.items()}
+            times = interleaved_times(variants, options)
+    finally:
+        override.remove()
     rows = []
     for rate in rates:
         for variant in VARIANTS:
@@ -168,6 +175,7 @@ def floor_rows(
 
 
 def format_floor(rows: Sequence[FloorRow]) -> str:
+    """The result table, one line per model, rate and variant, and the largest logit difference."""
     header = (
         f"{'model':<16} {'rate':>5} {'variant':<15} {'ms':>8} {'MAC ratio':>9} {'time ratio':>10} {'efficiency':>10}"
     )

@@ -7,7 +7,12 @@ observe the intermediate tensors: no forward or forward-pre hook, global or on a
 from torch import nn
 from torch.nn.modules import module as nn_module
 
-__all__ = ["has_forward_hooks", "has_global_forward_hooks", "observed"]
+__all__ = ["has_own_forward_hooks", "has_forward_hooks", "has_global_forward_hooks", "observed"]
+
+
+def has_own_forward_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` itself (not a module inside it) has a forward or forward-pre hook."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 def has_forward_hooks(module: nn.Module) -> bool:
@@ -16,7 +21,7 @@ def has_forward_hooks(module: nn.Module) -> bool:
     for submodule in modules:  # a breadth-first walk over a list that grows as it goes
         if submodule is None:
             continue
-        if submodule._forward_hooks or submodule._forward_pre_hooks:
+        if has_own_forward_hooks(submodule):
             return True
         modules += submodule._modules.values()
     return False

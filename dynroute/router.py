@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dynroute.hooks import has_global_forward_hooks
+from dynroute.hooks import has_global_forward_hooks, has_own_forward_hooks
 
 __all__ = ["Router", "relaxed_gate", "hard_gate"]
 
@@ -43,14 +43,6 @@ def relaxed_gate(
     return sample[:, 1]
 
 
-def _stock_and_unhooked(fc1: nn.Module, act: nn.Module, fc2: nn.Module) -> bool:
-    """Whether the router's layers are exactly ``nn.Linear``, ``nn.ReLU``, ``nn.Linear`` with no forward hook."""
-    if type(fc1) is not nn.Linear or type(act) is not nn.ReLU or type(fc2) is not nn.Linear:
-        return False
-    hooked = any(layer._forward_hooks or layer._forward_pre_hooks for layer in (fc1, act, fc2))
-    return not (hooked or has_global_forward_hooks())
-
-
 def hard_decision(logits: Tensor) -> Tensor:
     """Deterministic decision u_k = argmax(U_k) of Eq. 13 as int64 0/1, shape (N, 2) -> (N,).
 
@@ -62,6 +54,24 @@ def hard_decision(logits: Tensor) -> Tensor:
 def hard_gate(logits: Tensor) -> Tensor:
     """Deterministic decision u_k = argmax(U_k) of Eq. 13, shape (N, 2) -> (N,) float32 of 0/1."""
     return hard_decision(logits).float()
+
+
+# The forwards the bare ops of Router._mlp stand for, as they were at import.
+_STOCK_FORWARDS = {nn.Linear: nn.Linear.forward, nn.ReLU: nn.ReLU.forward}
+
+
+def _runs_as_stock(layer: nn.Module, stock_type: type[nn.Module]) -> bool:
+    """Whether ``layer`` is exactly ``stock_type``, its forward untouched (on the class or the object), unhooked.
+
+    A forward replaced on the object (accelerate's offloading hooks do this) or patched on the class,
+    a subclass (quantized, parametrized) or a hook makes the router call the layer as a module.
+    """
+    return (
+        type(layer) is stock_type
+        and stock_type.forward is _STOCK_FORWARDS[stock_type]
+        and "forward" not in layer.__dict__
+        and not has_own_forward_hooks(layer)
+    )
 
 
 class Router(nn.Module):
@@ -138,12 +148,13 @@ class Router(nn.Module):
     def _mlp(self, x: Tensor) -> Tensor:
         # The pooling is one `mean` (no pool-then-flatten; as fast or faster than adaptive_avg_pool2d at
         # every size measured). The layers are called as modules, so hooks, quantization and other
-        # module swaps apply to them. Inference with the stock layers and no hook on them runs the
-        # same ops (bit for bit) without the three module dispatches, which at batch 1 cost more than
-        # the ops themselves.
+        # module swaps apply to them. Inference with the stock layers as they are (no hook, no
+        # replaced forward) runs the same ops (bit for bit) without the three module dispatches, which
+        # at batch 1 cost more than the ops themselves.
         pooled = x.mean((2, 3))
         fc1, act, fc2 = self.fc1, self.act, self.fc2
-        if torch.is_grad_enabled() or not _stock_and_unhooked(fc1, act, fc2):
+        stock = _runs_as_stock(fc1, nn.Linear) and _runs_as_stock(act, nn.ReLU) and _runs_as_stock(fc2, nn.Linear)
+        if torch.is_grad_enabled() or has_global_forward_hooks() or not stock:
             return fc2(act(fc1(pooled)))
         return F.linear(F.relu(F.linear(pooled, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
 

@@ -64,7 +64,9 @@ def dense_copy(model: torch.nn.Module) -> torch.nn.Module:
     return dense.eval()
 
 
-def eval_seconds(dense: torch.nn.Module, routed: torch.nn.Module, images: torch.Tensor, rounds: int = 5):
+def paired_eval_times(
+    dense: torch.nn.Module, routed: torch.nn.Module, images: torch.Tensor, rounds: int = 5
+) -> tuple[float, float, float]:
     """Median wall times of a no-grad eval forward over ``images`` and the median of their paired ratios.
 
     The two networks are timed in alternation, ``rounds`` times, so a change in the host's load
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     report = evaluate(model, test_loader, progress=False)
     test_images = next(iter(test_loader))[0]
-    dense_seconds, routed_seconds, speedup = eval_seconds(dense_copy(model), model, test_images)
+    dense_seconds, routed_seconds, speedup = paired_eval_times(dense_copy(model), model, test_images)
     print(f"test accuracy   {report['top1']:.2f} % on {report['images']} held-out digits")
     print(
         f"average MACs    {report['macs'] / 1e6:.2f} M of {report['dense_macs'] / 1e6:.2f} M dense "
