@@ -56,19 +56,17 @@ def hard_gate(logits: Tensor) -> Tensor:
     return hard_decision(logits).float()
 
 
-# The forwards the bare ops of Router._mlp stand for, as they were at import.
-_STOCK_FORWARDS = {nn.Linear: nn.Linear.forward, nn.ReLU: nn.ReLU.forward}
-
-
 def _runs_as_stock(layer: nn.Module, stock_type: type[nn.Module]) -> bool:
     """Whether ``layer`` is exactly ``stock_type``, its forward untouched (on the class or the object), unhooked.
 
     A forward replaced on the object (accelerate's offloading hooks do this) or patched on the class,
     a subclass (quantized, parametrized) or a hook makes the router call the layer as a module.
     """
+    forward = stock_type.forward  # torch's own, unless patched: then defined in another module
     return (
         type(layer) is stock_type
-        and stock_type.forward is _STOCK_FORWARDS[stock_type]
+        and forward.__module__ == stock_type.__module__
+        and forward.__qualname__ == f"{stock_type.__name__}.forward"
         and "forward" not in layer.__dict__
         and not has_own_forward_hooks(layer)
     )
