@@ -4,12 +4,12 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
-from dynroute.routing import gated_blocks
+from dynroute.routing import WRAPPER_ATTRIBUTES, gated_blocks
 
 __all__ = ["load_dense_state_dict"]
 
-# Prefixes that wrappers add to every key: DistributedDataParallel's .module, torch.compile's ._orig_mod.
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# Prefixes that wrappers add to every key: DistributedDataParallel's "module.", torch.compile's "_orig_mod.".
+_WRAPPER_PREFIXES = tuple(f"{name}." for name in WRAPPER_ATTRIBUTES)
 
 
 def _strip_wrapper_prefixes(key: str) -> str:

@@ -17,10 +17,14 @@ def gated_blocks(model: nn.Module) -> Iterator[tuple[str, GatedBlock]]:
             yield name, module
 
 
+# The attribute under which each wrapper keeps the model: DistributedDataParallel's, torch.compile's.
+WRAPPER_ATTRIBUTES = ("module", "_orig_mod")
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The model inside any nesting of DistributedDataParallel (``.module``) and torch.compile (``._orig_mod``)."""
     while True:
-        inner = model._modules.get("module") or model._modules.get("_orig_mod")
+        inner = next((model._modules[name] for name in WRAPPER_ATTRIBUTES if name in model._modules), None)
         if inner is None:
             return model
         model = inner
