@@ -6,14 +6,14 @@ runs ``F`` only on the samples routed to it: their rows are gathered, run and ad
 skipped block costs nothing but its router and shortcut.
 """
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from dynroute.adapters import BlockAdapter, get_adapter
 from dynroute.hooks import observed
-from dynroute.router import Router, hard_decision
+from dynroute.router import Router, hard_decision, hard_gate
 
 __all__ = ["GatedBlock", "ForcedGate", "Execution"]
 
@@ -58,18 +58,32 @@ def _add(residual: Tensor, shortcut: Tensor, x: Tensor, inplace: bool) -> Tensor
         inplace
         and residual.dtype == shortcut.dtype
         and not _shares_memory(residual, x)
-        and not _shares_memory(residual, shortcut)
+        and (shortcut is x or not _shares_memory(residual, shortcut))
     ):
         return residual.add_(shortcut)
     return shortcut + residual
 
 
-def _routed_rows(decision: Tensor) -> tuple[int, Tensor | None]:
-    """How many rows a 0/1 decision (N,) runs, and their indices; a batch of one is a plain ``if``, no indices."""
-    if decision.shape[0] == 1:
-        return int(decision.item()), None
-    routed = decision.nonzero().squeeze(1)
-    return routed.numel(), routed
+class _RoutedRows(NamedTuple):
+    """The hard decisions of one forward: argmax's int64 0/1 (N,), how many rows run, and their indices.
+
+    At batch 1 the decision is a plain ``if``: ``decisions`` and ``indices`` are None.
+    """
+
+    decisions: Tensor | None
+    count: int
+    indices: Tensor | None
+
+
+def _routed_rows(logits: Tensor) -> _RoutedRows:
+    """The hard decisions of router logits (N, 2); a batch of one by argmax's rule (a tie skips, a NaN wins)
+    on its two logits, without a tensor op."""
+    if logits.shape[0] == 1:
+        skip, run = logits.tolist()[0]
+        return _RoutedRows(None, int(run > skip or (run != run and skip == skip)), None)
+    decisions = hard_decision(logits)
+    indices = decisions.nonzero().squeeze(1)
+    return _RoutedRows(decisions, indices.numel(), indices)
 
 
 def _gather(x: Tensor, routed: Tensor) -> Tensor:
@@ -189,7 +203,7 @@ class GatedBlock(nn.Module):
                 are left as they are, since the ReLU would not change them.
         """
         check_image_batch(x, "GatedBlock")
-        adapter, router = self.adapter, self.router
+        adapter, router = self.adapter, self._modules["router"]  # a dict lookup, not nn.Module.__getattr__
         # Whether this forward's own buffers (branch output, downsampling shortcut) may be written in place.
         scratch = not torch.is_grad_enabled() and not observed(self)
         reuse_input = reuse_input and scratch
@@ -202,14 +216,16 @@ class GatedBlock(nn.Module):
         elif self.training and not self.hard_decisions:
             gate = router.gate(logits, hard=False)
             out = self._add_gated_residual(adapter, x, shortcut, gate)
-        else:
+        elif self.execution == "masked":
             gate = hard_decision(logits)  # int64 0/1; last_gate converts it when read
-            if self.execution == "masked":
-                out = self._add_gated_residual(adapter, x, shortcut, gate)
-            elif reuse_input and relu_input and shortcut is x and self.ends_with_relu:
-                out, activated = self._route_into_relu_input(adapter, x, gate), True
+            out = self._add_gated_residual(adapter, x, shortcut, gate)
+        else:
+            rows = _routed_rows(logits)
+            gate = rows.decisions  # None at batch 1: last_gate derives it from the logits
+            if reuse_input and relu_input and shortcut is x and self.ends_with_relu:
+                out, activated = self._route_into_relu_input(adapter, x, rows), True
             else:
-                out = self._add_routed_residual(adapter, x, shortcut, gate, scratch, reuse_input)
+                out = self._add_routed_residual(adapter, x, shortcut, rows, scratch, reuse_input)
         if out is shortcut and not (reuse_input if out is x else scratch):
             out = out.clone()  # a skipped block: an in-place activation must not touch the input or a held shortcut
         # Plain attributes, never parameters or modules: skip nn.Module.__setattr__'s registry checks,
@@ -223,7 +239,9 @@ class GatedBlock(nn.Module):
     def last_gate(self) -> Tensor | None:
         """Gate values (N,) of the last forward in float32: relaxed in training, 0/1 otherwise."""
         gate = self._last_gate
-        return gate if gate is None or gate.is_floating_point() else gate.float()
+        if gate is None:  # a hard decision at batch 1, or no forward yet
+            return None if self.last_logits is None else hard_gate(self.last_logits)
+        return gate if gate.is_floating_point() else gate.float()
 
     def _add_gated_residual(self, adapter: BlockAdapter, x: Tensor, shortcut: Tensor, gate: Tensor) -> Tensor:
         """``shortcut + gate * F(x)`` with F run on every row: Eq. 7 (relaxed gate) or masked Eq. 13 (0/1)."""
@@ -231,7 +249,7 @@ class GatedBlock(nn.Module):
         return shortcut + gate.to(residual.dtype).view(-1, 1, 1, 1) * residual
 
     def _add_routed_residual(
-        self, adapter: BlockAdapter, x: Tensor, shortcut: Tensor, decision: Tensor, scratch: bool, reuse_input: bool
+        self, adapter: BlockAdapter, x: Tensor, shortcut: Tensor, rows: _RoutedRows, scratch: bool, reuse_input: bool
     ) -> Tensor:
         """``shortcut + F(x)`` for rows with decision 1, ``shortcut`` elsewhere; F runs on routed rows only.
 
@@ -241,7 +259,7 @@ class GatedBlock(nn.Module):
         a downsampling shortcut), and into an identity shortcut, the block input, only if
         ``reuse_input``; otherwise they are out of place.
         """
-        count, routed = _routed_rows(decision)
+        count, routed = rows.count, rows.indices
         if count == x.shape[0]:
             return _add(adapter.residual(self.block, x), shortcut, x, scratch)
         if count == 0:
@@ -249,14 +267,13 @@ class GatedBlock(nn.Module):
         if count == 1 and self.training:
             # Batch norm in training normalises by the statistics of the rows it sees, and a single row has
             # none to speak of (an error where the branch is 1x1): the branch runs masked, on every row.
-            return self._add_gated_residual(adapter, x, shortcut, decision)
-        rows = _gather(x, routed)
-        residual = adapter.residual(self.block, rows).to(shortcut.dtype)
+            return self._add_gated_residual(adapter, x, shortcut, rows.decisions)
+        residual = adapter.residual(self.block, _gather(x, routed)).to(shortcut.dtype)
         writable = (shortcut is x and reuse_input) or not _shares_memory(shortcut, x)
         out = shortcut if scratch and writable else shortcut.clone()
         return out.index_add_(0, routed, residual)
 
-    def _route_into_relu_input(self, adapter: BlockAdapter, x: Tensor, decision: Tensor) -> Tensor:
+    def _route_into_relu_input(self, adapter: BlockAdapter, x: Tensor, rows: _RoutedRows) -> Tensor:
         """The block's output (activation included) written into ``x``, a ReLU output of an identity block.
 
         Routed rows become ``relu(x + F(x))``; skipped rows keep ``x``, which equals ``relu(x)``: no pass
@@ -265,16 +282,16 @@ class GatedBlock(nn.Module):
         ``relu(x + F(x))`` bit for bit, and ``index_add_`` is 2-3 times faster than ``index_copy_``
         here (which torch.compile cannot trace into the block input either).
         """
-        count, routed = _routed_rows(decision)
+        count, routed = rows.count, rows.indices
         if count == x.shape[0]:
             return adapter.activation(self.block, _add(adapter.residual(self.block, x), x, x, True))
         if count == 0:
             return x
-        rows = _gather(x, routed)
-        residual = adapter.residual(self.block, rows).to(x.dtype)
-        if _shares_memory(residual, rows):  # a branch that returns a view of its input
+        gathered = _gather(x, routed)
+        residual = adapter.residual(self.block, gathered).to(x.dtype)
+        if _shares_memory(residual, gathered):  # a branch that returns a view of its input
             residual = residual.clone()
-        return x.index_add_(0, routed, torch.maximum(residual, rows.neg_(), out=residual))
+        return x.index_add_(0, routed, torch.maximum(residual, gathered.neg_(), out=residual))
 
     def _skipped(self, shortcut: Tensor) -> Tensor:
         """``shortcut`` for a branch no sample runs; in training, joined to the block's parameters by a zero.

@@ -7,6 +7,7 @@ reparameterized Gumbel-softmax (Eq. 7); in eval it is the deterministic argmax (
 """
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -56,20 +57,61 @@ def hard_gate(logits: Tensor) -> Tensor:
     return hard_decision(logits).float()
 
 
-def _runs_as_stock(layer: nn.Module, stock_type: type[nn.Module]) -> bool:
-    """Whether ``layer`` is exactly ``stock_type``, its forward untouched (on the class or the object), unhooked.
+def _torch_forward(layer_type: type[nn.Module]) -> Callable[..., Tensor] | None:
+    """``layer_type.forward`` if it is torch's own (defined in the class's module), None if it was patched."""
+    forward = layer_type.forward
+    defined_by_torch = (
+        forward.__module__ == layer_type.__module__ and forward.__qualname__ == f"{layer_type.__name__}.forward"
+    )
+    return forward if defined_by_torch else None
+
+
+# torch's own forwards of the layers the router may run as bare ops. A class patched before this import
+# has no entry; one patched after it fails the identity check in _runs_as_stock.
+_LINEAR_FORWARD = _torch_forward(nn.Linear)
+_RELU_FORWARD = _torch_forward(nn.ReLU)
+
+
+def _runs_as_stock(layer: nn.Module, stock_type: type[nn.Module], stock_forward: Callable[..., Tensor] | None) -> bool:
+    """Whether ``layer`` is exactly ``stock_type``, its forward torch's own (on the class and the object), unhooked.
 
     A forward replaced on the object (accelerate's offloading hooks do this) or patched on the class,
     a subclass (quantized, parametrized) or a hook makes the router call the layer as a module.
     """
-    forward = stock_type.forward  # torch's own, unless patched: then defined in another module
     return (
         type(layer) is stock_type
-        and forward.__module__ == stock_type.__module__
-        and forward.__qualname__ == f"{stock_type.__name__}.forward"
+        and stock_type.forward is stock_forward
         and "forward" not in layer.__dict__
         and not has_own_forward_hooks(layer)
     )
+
+
+def _linear_tensors(linear: nn.Linear) -> tuple[Tensor, Tensor | None] | None:
+    """(weight, bias) of a linear layer that holds both as parameters, else None.
+
+    ``torch.func.functional_call`` swaps tensors inside ``_parameters``; a parameter deleted and set again
+    as a plain attribute leaves it, and the layer then runs as a module.
+    """
+    parameters = linear._parameters  # a dict lookup: nn.Module.__getattr__ costs as much as a small op here
+    if "weight" not in parameters or "bias" not in parameters:
+        return None
+    return parameters["weight"], parameters["bias"]
+
+
+def _bare_layers(router: nn.Module) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None] | None:
+    """fc1's and fc2's (weight, bias) if the router's three layers may run as bare ops, else None."""
+    modules = router._modules
+    fc1, act, fc2 = modules["fc1"], modules["act"], modules["fc2"]
+    if not (
+        _runs_as_stock(fc1, nn.Linear, _LINEAR_FORWARD)
+        and _runs_as_stock(act, nn.ReLU, _RELU_FORWARD)
+        and _runs_as_stock(fc2, nn.Linear, _LINEAR_FORWARD)
+    ):
+        return None
+    first, second = _linear_tensors(fc1), _linear_tensors(fc2)
+    if first is None or second is None:
+        return None
+    return *first, *second
 
 
 class Router(nn.Module):
@@ -133,31 +175,33 @@ class Router(nn.Module):
 
         Under autocast the router still runs in its own (float32) precision: a decision is the sign of
         a logit difference, which bfloat16 would round, and the router costs next to nothing.
+
+        The layers are called as modules, so hooks, quantization and other module swaps apply to them.
+        Inference with the stock layers as they are (no hook, no replaced forward or parameter) runs the
+        same ops, bit for bit, without the module dispatches and attribute lookups, which at batch 1
+        cost more than the ops themselves. Training (checked first) never pays for that check.
         """
-        weight = self.fc1.weight  # a method, not a tensor, once torch.ao.quantization swapped the layer
-        dtype = weight.dtype if isinstance(weight, Tensor) else torch.float32
+        bare = None if torch.is_grad_enabled() or has_global_forward_hooks() else _bare_layers(self)
+        if bare is not None:
+            dtype = bare[0].dtype
+        else:
+            weight = self.fc1.weight  # a method, not a tensor, once torch.ao.quantization swapped the layer
+            dtype = weight.dtype if isinstance(weight, Tensor) else torch.float32
         if x.dtype != dtype:
             x = x.to(dtype)
         if not torch.is_autocast_enabled(x.device.type):
-            return self._mlp(x)
+            return self._mlp(x, bare)
         with torch.autocast(x.device.type, enabled=False):
-            return self._mlp(x)
+            return self._mlp(x, bare)
 
-    def _mlp(self, x: Tensor) -> Tensor:
-        # The pooling is one `mean` (no pool-then-flatten; as fast or faster than adaptive_avg_pool2d at
-        # every size measured). The layers are called as modules, so hooks, quantization and other
-        # module swaps apply to them. Inference with the stock layers as they are (no hook, no
-        # replaced forward) runs the same ops (bit for bit) without the three module dispatches, which
-        # at batch 1 cost more than the ops themselves.
+    def _mlp(self, x: Tensor, bare: tuple[Tensor, Tensor | None, Tensor, Tensor | None] | None) -> Tensor:
+        """Logits (N, 2) from x (N, C, H, W); ``bare`` is :func:`_bare_layers`' tensors, or None for the modules."""
+        # One `mean`, no pool-then-flatten: as fast as adaptive_avg_pool2d or faster at every size measured.
         pooled = x.mean((2, 3))
-        fc1, act, fc2 = self.fc1, self.act, self.fc2
-        if (
-            torch.is_grad_enabled()  # first: training never pays for the checks below
-            or has_global_forward_hooks()
-            or not (_runs_as_stock(fc1, nn.Linear) and _runs_as_stock(act, nn.ReLU) and _runs_as_stock(fc2, nn.Linear))
-        ):
-            return fc2(act(fc1(pooled)))
-        return F.linear(F.relu(F.linear(pooled, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
+        if bare is None:
+            return self.fc2(self.act(self.fc1(pooled)))
+        weight1, bias1, weight2, bias2 = bare
+        return F.linear(F.linear(pooled, weight1, bias1).relu_(), weight2, bias2)
 
     def gate(self, logits: Tensor, hard: bool) -> Tensor:
         """Gate values (N,): relaxed per Eq. 7 unless ``hard``, else the argmax decision."""

@@ -181,6 +181,26 @@ class TestSparseExecution:
         assert 0 < routed < 32
         assert seen == [routed]
 
+    @pytest.mark.parametrize(
+        "skip, run",
+        [(0.0, 1.0), (1.0, 0.0), (0.5, 0.5), (float("nan"), 1.0), (1.0, float("nan")), (float("nan"), float("nan"))]
+        + [(float("-inf"), float("-inf")), (float("inf"), float("inf")), (float("-inf"), 0.0)],
+    )
+    def test_batch_of_one_decides_as_argmax(self, skip, run):
+        # A batch of one decides with a Python comparison of its two logits; a batch of two with argmax.
+        gated = GatedBlock(CifarBasicBlock(8, 8)).eval()
+        _perturb_batchnorm(gated)
+        with torch.no_grad():
+            gated.router.fc2.bias.copy_(torch.tensor([skip, run]))  # zero weights: the logits are the bias
+        x = _inputs(1, (8, 8, 8))
+        with torch.no_grad():
+            pair = gated(x.expand(2, -1, -1, -1))
+            argmax_gate = gated.last_gate
+            single = gated(x)
+        assert argmax_gate.tolist() == [float(torch.tensor([[skip, run]]).argmax(1))] * 2
+        assert gated.last_gate.tolist() == argmax_gate[:1].tolist()
+        torch.testing.assert_close(single, pair[:1], atol=1e-5, rtol=0)
+
     def test_closed_block_computes_no_branch(self):
         gated = GatedBlock(CifarBasicBlock(8, 8)).eval()
         gated.force_gate("closed")

@@ -1,4 +1,5 @@
 import math
+import subprocess
 import sys
 
 import pytest
@@ -120,6 +121,44 @@ class TestRouter:
         with torch.no_grad():
             hidden = torch.nn.functional.linear(x.mean((2, 3)), router.fc1.weight, router.fc1.bias).abs()
             torch.testing.assert_close(router(x), router.fc2(hidden))
+
+    def test_functional_call_tensors_are_the_ones_that_run_in_inference(self):
+        # torch.func.functional_call swaps parameters for plain tensors; the router must use them.
+        router = Router(16).eval()
+        x = torch.randn(3, 16, 4, 4)
+        weight, bias = torch.randn(16, 16), torch.randn(2)
+        with torch.no_grad():
+            logits = torch.func.functional_call(router, {"fc1.weight": weight, "fc2.bias": bias}, (x,))
+            hidden = torch.nn.functional.linear(x.mean((2, 3)), weight, router.fc1.bias).relu()
+            expected = torch.nn.functional.linear(hidden, router.fc2.weight, bias)
+        assert torch.equal(logits, expected)
+
+    def test_weight_set_as_a_plain_attribute_runs_in_inference(self):
+        router = Router(16).eval()
+        x = torch.randn(3, 16, 4, 4)
+        weight = torch.randn(16, 16)
+        del router.fc1.weight
+        router.fc1.weight = weight  # a plain attribute now, outside _parameters
+        torch.nn.init.normal_(router.fc2.weight)
+        with torch.no_grad():
+            hidden = torch.nn.functional.linear(x.mean((2, 3)), weight, router.fc1.bias).relu()
+            assert torch.equal(router(x), router.fc2(hidden))
+
+    def test_class_forward_patched_before_import_runs_in_inference(self):
+        # A library that patched nn.ReLU.forward before dynroute was imported still has its forward run.
+        script = (
+            "import torch\n"
+            "torch.nn.ReLU.forward = lambda self, input: input.abs()\n"
+            "import dynroute\n"
+            "router = dynroute.Router(16).eval()\n"
+            "torch.nn.init.normal_(router.fc2.weight)\n"
+            "x = torch.randn(3, 16, 4, 4)\n"
+            "with torch.no_grad():\n"
+            "    hidden = torch.nn.functional.linear(x.mean((2, 3)), router.fc1.weight, router.fc1.bias).abs()\n"
+            "    assert torch.equal(router(x), router.fc2(hidden)), 'the patched forward did not run'\n"
+        )
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
 
     def test_extra_repr_tells_the_settings(self):
         assert "relaxation='straight_through'" in repr(Router(16, relaxation="straight_through"))

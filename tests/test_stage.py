@@ -1,4 +1,5 @@
 import copy
+import inspect
 
 import pytest
 import timm
@@ -13,17 +14,20 @@ from dynroute.models import CifarResNet
 
 
 def _record_flags(monkeypatch, flag: str) -> list[bool]:
-    """The value of keyword ``flag`` each gated block is called with, in call order.
+    """The value of argument ``flag`` each gated block is called with (by position or keyword), in call order.
 
     For ``reuse_input``, the value the block acted on: it declines the offer when a hook could see its tensors.
     """
     flags: list[bool] = []
     forward = GatedBlock.forward
+    signature = inspect.signature(forward)
 
-    def recording_forward(self, x, **kwargs):
-        output = forward(self, x, **kwargs)
+    def recording_forward(self, *args, **kwargs):
+        output = forward(self, *args, **kwargs)
+        arguments = signature.bind(self, *args, **kwargs)
+        arguments.apply_defaults()
         accepted = self.last_forward_unobserved if flag == "reuse_input" else True
-        flags.append(kwargs.get(flag, False) and accepted)
+        flags.append(arguments.arguments[flag] and accepted)
         return output
 
     monkeypatch.setattr(GatedBlock, "forward", recording_forward)
