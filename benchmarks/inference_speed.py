@@ -22,6 +22,7 @@ the noise of a shared machine hits each alike, and takes medians.
     python benchmarks/inference_speed.py --models cifar_resnet110 --batches 1 --repeats 21
     python benchmarks/inference_speed.py --quick              # tiny sizes, a few seconds
     python benchmarks/inference_speed.py --clock cpu --threads 1 --malloc keep   # on a busy shared machine
+    python benchmarks/inference_speed.py --channels-last     # networks and images in NHWC
 """
 
 import argparse
@@ -269,20 +270,26 @@ def benchmark_model(
     options: TimingOptions,
     seed: int,
     batch1_draws: int = 1,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> list[Row]:
     """Rows for every (batch, rate, execution) of one model; dense and routed share weights.
 
     At batch 1 each timed call runs ``batch1_draws`` forwards, each image with its own decisions.
+    Networks and images are moved to ``options.device`` in ``memory_format``.
     """
     generator = torch.Generator().manual_seed(seed)
     dense, networks = build_networks(spec, generator)
-    dense, networks = dense.to(options.device), {key: net.to(options.device) for key, net in networks.items()}
+    dense = dense.to(options.device, memory_format=memory_format)
+    networks = {key: net.to(options.device, memory_format=memory_format) for key, net in networks.items()}
     overrides = {key: FixedDecisions(net) for key, net in networks.items()}
     table = dynroute.macs_table(networks["sparse"])
     rows = []
     for batch in spec.batches:
         draws = batch1_draws if batch == 1 else 1
-        images = [torch.randn(batch, *spec.input_size, generator=generator).to(options.device) for _ in range(draws)]
+        images = [
+            torch.randn(batch, *spec.input_size, generator=generator).to(options.device, memory_format=memory_format)
+            for _ in range(draws)
+        ]
         decisions = {rate: random_decisions(batch * draws, table.num_blocks, rate, generator) for rate in rates}
         variants: dict[str, Callable[[], Tensor]] = {"dense": partial(run_dense, dense, images)}
         for rate in rates:
@@ -386,6 +393,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="'cpu': CPU seconds of this process, blind to other jobs' load (use with --threads 1)",
     )
     parser.add_argument("--threads", type=positive, help="torch intra-op threads; default torch's own")
+    parser.add_argument(
+        "--channels-last", action="store_true", help="networks and images in channels_last (NHWC) memory format"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny models and sizes, a few seconds (a smoke test)")
     args = parser.parse_args(argv)
     for name, value in (QUICK_DEFAULTS if args.quick else FULL_DEFAULTS).items():
@@ -423,14 +433,16 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     print(
         f"torch {torch.__version__}, {options.device}, {torch.get_num_threads()} threads, "
         f"{platform.processor() or platform.machine()}, malloc {args.malloc}, "
-        f"{args.clock} clock; median of {args.repeats} interleaved repeats; "
+        f"{args.clock} clock, {'channels_last' if args.channels_last else 'NCHW'}; "
+        f"median of {args.repeats} interleaved repeats; "
         f"batch 1: {args.batch1_draws} single-image forwards per call, each with its own path",
         flush=True,
     )
     specs = selected_models(args)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     rows = []
     for name, spec in specs.items():
-        rows += benchmark_model(name, spec, args.rates, options, args.seed, args.batch1_draws)
+        rows += benchmark_model(name, spec, args.rates, options, args.seed, args.batch1_draws, memory_format)
     print(format_rows(rows, {name: spec.input_size for name, spec in specs.items()}))
     return rows
 

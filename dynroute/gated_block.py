@@ -86,9 +86,25 @@ def _routed_rows(logits: Tensor) -> _RoutedRows:
     return _RoutedRows(decisions, indices.numel(), indices)
 
 
+# Index ops along dim 0 of a channels_last tensor run on its (N, H, W, C) view, which is contiguous: on
+# the tensor itself index_select copies element by element into an NCHW result and index_add_ is slow
+# (2.9 and 6.8 times slower for a ResNet-50 stage-1 activation at batch 32 on CPU).
+_TO_NHWC, _TO_NCHW = (0, 2, 3, 1), (0, 3, 1, 2)
+
+
 def _gather(x: Tensor, routed: Tensor) -> Tensor:
-    """The rows ``routed`` of x, in x's memory format (index_select returns NCHW, even for channels_last)."""
-    return x.index_select(0, routed).contiguous(memory_format=_memory_format(x))
+    """The rows ``routed`` of x (N, C, H, W), in x's memory format."""
+    if _memory_format(x) == torch.channels_last:
+        return x.permute(_TO_NHWC).index_select(0, routed).permute(_TO_NCHW)
+    return x.index_select(0, routed)
+
+
+def _index_add_(out: Tensor, routed: Tensor, rows: Tensor) -> Tensor:
+    """``out.index_add_(0, routed, rows)``, through (N, H, W, C) views if ``out`` is channels_last."""
+    if _memory_format(out) == torch.channels_last:
+        out.permute(_TO_NHWC).index_add_(0, routed, rows.permute(_TO_NHWC))
+        return out
+    return out.index_add_(0, routed, rows)
 
 
 class GatedBlock(nn.Module):
@@ -271,7 +287,7 @@ class GatedBlock(nn.Module):
         residual = adapter.residual(self.block, _gather(x, routed)).to(shortcut.dtype)
         writable = (shortcut is x and reuse_input) or not _shares_memory(shortcut, x)
         out = shortcut if scratch and writable else shortcut.clone()
-        return out.index_add_(0, routed, residual)
+        return _index_add_(out, routed, residual)
 
     def _route_into_relu_input(self, adapter: BlockAdapter, x: Tensor, rows: _RoutedRows) -> Tensor:
         """The block's output (activation included) written into ``x``, a ReLU output of an identity block.
@@ -291,7 +307,7 @@ class GatedBlock(nn.Module):
         residual = adapter.residual(self.block, gathered).to(x.dtype)
         if _shares_memory(residual, gathered):  # a branch that returns a view of its input
             residual = residual.clone()
-        return x.index_add_(0, routed, torch.maximum(residual, gathered.neg_(), out=residual))
+        return _index_add_(x, routed, torch.maximum(residual, gathered.neg_(), out=residual))
 
     def _skipped(self, shortcut: Tensor) -> Tensor:
         """``shortcut`` for a branch no sample runs; in training, joined to the block's parameters by a zero.

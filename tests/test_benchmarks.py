@@ -71,6 +71,24 @@ class TestQuickRun:
             assert f"{row.efficiency:.3f}" in out
         assert "efficiency" in out and "max |logits(sparse) - logits(masked)|" in out
 
+    def test_channels_last_runs_networks_and_images_in_nhwc(self, capsys, monkeypatch):
+        formats = set()
+        run_dense = bench.run_dense
+
+        def recording_run_dense(network, images):
+            weight = next(
+                m.weight for m in network.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size > (1, 1)
+            )
+            for tensor in (images[0], weight):
+                formats.add(tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous())
+            return run_dense(network, images)
+
+        monkeypatch.setattr(bench, "run_dense", recording_run_dense)
+        rows = _quick_main(bench, "--repeats", "1", "--models", "cifar_resnet20", "--channels-last")
+        assert formats == {True}
+        assert "channels_last" in capsys.readouterr().out
+        assert all(row.max_abs_diff <= 1e-5 for row in rows)
+
     def test_bad_arguments_are_refused(self):
         for argv in (["--rates", "1.5"], ["--repeats", "0"], ["--batches", "0"], ["--models", "vgg16"]):
             with pytest.raises(SystemExit):

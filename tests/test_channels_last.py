@@ -45,3 +45,18 @@ class TestChannelsLast:
         for name, output in outputs.items():
             assert _is_channels_last(output), f"{name} returned a {output.stride()}-strided tensor"
         torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+    def test_unhooked_stages_in_inference(self):
+        # Without hooks and autograd a stage's blocks write into their inputs and scatter through NHWC views.
+        model, reference = routed_model(blocks_per_stage=3), routed_model(blocks_per_stage=3)
+        model.to(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            x = reference.act(reference.bn1(reference.conv1(images(64, seed=100)[:16])))  # the routers' stem outputs
+            out = model.layer1(x.to(memory_format=torch.channels_last))
+            paths = dynroute.routing_paths(model.layer1)
+            expected = reference.layer1(x)
+            expected_paths = dynroute.routing_paths(reference.layer1)
+        assert ((paths.sum(0) > 0) & (paths.sum(0) < len(x))).any(), "some block should run for part of the batch"
+        assert torch.equal(paths, expected_paths)
+        assert _is_channels_last(out)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
