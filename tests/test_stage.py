@@ -186,6 +186,24 @@ class TestReluInputs:
         torch.testing.assert_close(logits, plain, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(logits, per_sample, rtol=1e-5, atol=1e-5)
 
+    @pytest.mark.parametrize("fraction", [0.25, 0.75], ids=["few-rows-run", "most-rows-run"])
+    def test_outputs_equal_masked_and_plain_stages_whatever_the_share_of_routed_rows(self, fraction, relu_flags):
+        # Few routed rows are scattered as max(F(x), -x); with most, F(x) is added and every row goes through the ReLU.
+        model, x = routed_model(blocks_per_stage=3), images(16)
+        generator = torch.Generator().manual_seed(0)
+        for _, block in dynroute.gated_blocks(model):
+            run = torch.zeros(len(x), dtype=torch.bool)
+            run[torch.randperm(len(x), generator=generator)[: int(len(x) * fraction)]] = True
+            block.router.forward = lambda _, run=run: torch.stack([~run, run], dim=1).float()
+        relu_flags.clear()
+        with torch.inference_mode():
+            logits = model(x)
+            assert relu_flags == [False, True, True] * 3
+            masked = dynroute.set_execution(copy.deepcopy(model), "masked")(x)
+            plain = _plain_stages(model)(x)
+        torch.testing.assert_close(logits, masked, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits, plain, rtol=0, atol=1e-6)
+
     def test_relu_input_follows_the_previous_blocks_activation(self, relu_flags):
         model = routed_model(blocks_per_stage=3)
         relu_flags.clear()
