@@ -83,7 +83,7 @@ def bare_router(router: dynroute.Router) -> Callable[[Tensor], Tensor]:
     w1, b1, w2, b2 = (p.detach() for p in (router.fc1.weight, router.fc1.bias, router.fc2.weight, router.fc2.bias))
 
     def logits(x: Tensor) -> Tensor:
-        return F.linear(F.relu(F.linear(x.mean((2, 3)), w1, b1)), w2, b2)
+        return F.linear(F.linear(x.mean((2, 3)), w1, b1).relu_(), w2, b2)  # the ops of Router's inference path
 
     return logits
 
