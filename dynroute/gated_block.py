@@ -76,8 +76,11 @@ class _RoutedRows(NamedTuple):
 
 
 def _routed_rows(logits: Tensor) -> _RoutedRows:
-    """The hard decisions of router logits (N, 2); a batch of one by argmax's rule (a tie skips, a NaN wins)
-    on its two logits, without a tensor op."""
+    """The hard decisions of router logits (N, 2).
+
+    A batch of one compares its two logits in Python, by argmax's rule (a tie skips, a NaN wins): no
+    tensor op, which at batch 1 would cost more than the comparison.
+    """
     if logits.shape[0] == 1:
         skip, run = logits.tolist()[0]
         return _RoutedRows(None, int(run > skip or (run != run and skip == skip)), None)
