@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from dynroute.adapters import BlockAdapter, get_adapter
 from dynroute.hooks import observed
-from dynroute.router import Router, hard_decision, hard_gate
+from dynroute.router import Router, decides_to_run, hard_decision, hard_gate
 
 __all__ = ["GatedBlock", "ForcedGate", "Execution"]
 
@@ -82,8 +82,7 @@ def _routed_rows(logits: Tensor) -> _RoutedRows:
     tensor op, which at batch 1 would cost more than the comparison.
     """
     if logits.shape[0] == 1:
-        skip, run = logits.tolist()[0]
-        return _RoutedRows(None, int(run > skip or (run != run and skip == skip)), None)
+        return _RoutedRows(None, int(decides_to_run(*logits.tolist()[0])), None)
     decisions = hard_decision(logits)
     indices = decisions.nonzero().squeeze(1)
     return _RoutedRows(decisions, indices.numel(), indices)
@@ -286,6 +285,7 @@ class GatedBlock(nn.Module):
         if count == 1 and self.training:
             # Batch norm in training normalises by the statistics of the rows it sees, and a single row has
             # none to speak of (an error where the branch is 1x1): the branch runs masked, on every row.
+            # N > 1 here (a batch of one that runs returned above), so the decisions are a tensor.
             return self._add_gated_residual(adapter, x, shortcut, rows.decisions)
         residual = adapter.residual(self.block, _gather(x, routed)).to(shortcut.dtype)
         writable = (shortcut is x and reuse_input) or not _shares_memory(shortcut, x)

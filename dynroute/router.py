@@ -47,9 +47,14 @@ def relaxed_gate(
 def hard_decision(logits: Tensor) -> Tensor:
     """Deterministic decision u_k = argmax(U_k) of Eq. 13 as int64 0/1, shape (N, 2) -> (N,).
 
-    One op: it runs once per block and forward. A tie skips (argmax takes the first column).
+    A tie skips (argmax takes the first column); a NaN logit wins (argmax counts NaN as the maximum).
     """
     return logits.argmax(1)
+
+
+def decides_to_run(skip: float, run: float) -> bool:
+    """:func:`hard_decision` of one sample's two logits as Python floats, by the same rule, without a tensor op."""
+    return run > skip or (run != run and skip == skip)  # x != x: x is NaN
 
 
 def hard_gate(logits: Tensor) -> Tensor:
@@ -61,7 +66,9 @@ def _torch_forward(layer_type: type[nn.Module]) -> Callable[..., Tensor] | None:
     """``layer_type.forward`` if it is torch's own (defined in the class's module), None if it was patched."""
     forward = layer_type.forward
     defined_by_torch = (
-        forward.__module__ == layer_type.__module__ and forward.__qualname__ == f"{layer_type.__name__}.forward"
+        forward.__module__ == layer_type.__module__
+        and forward.__qualname__ == f"{layer_type.__name__}.forward"
+        and not hasattr(forward, "__wrapped__")  # functools.wraps copies the two names above
     )
     return forward if defined_by_torch else None
 
@@ -98,7 +105,11 @@ def _linear_tensors(linear: nn.Linear) -> tuple[Tensor, Tensor | None] | None:
     return parameters["weight"], parameters["bias"]
 
 
-def _bare_layers(router: nn.Module) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None] | None:
+# fc1's weight and bias, then fc2's
+_BareTensors = tuple[Tensor, Tensor | None, Tensor, Tensor | None]
+
+
+def _bare_layers(router: nn.Module) -> _BareTensors | None:
     """fc1's and fc2's (weight, bias) if the router's three layers may run as bare ops, else None."""
     modules = router._modules
     fc1, act, fc2 = modules["fc1"], modules["act"], modules["fc2"]
@@ -179,7 +190,8 @@ class Router(nn.Module):
         The layers are called as modules, so hooks, quantization and other module swaps apply to them.
         Inference with the stock layers as they are (no hook, no replaced forward or parameter) runs the
         same ops, bit for bit, without the module dispatches and attribute lookups, which at batch 1
-        cost more than the ops themselves. Training (checked first) never pays for that check.
+        cost more than the ops themselves. With autograd on (checked first), as in training, nothing
+        else is checked.
         """
         bare = None if torch.is_grad_enabled() or has_global_forward_hooks() else _bare_layers(self)
         if bare is not None:
@@ -194,7 +206,7 @@ class Router(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             return self._mlp(x, bare)
 
-    def _mlp(self, x: Tensor, bare: tuple[Tensor, Tensor | None, Tensor, Tensor | None] | None) -> Tensor:
+    def _mlp(self, x: Tensor, bare: _BareTensors | None) -> Tensor:
         """Logits (N, 2) from x (N, C, H, W); ``bare`` is :func:`_bare_layers`' tensors, or None for the modules."""
         # One `mean`, no pool-then-flatten: as fast as adaptive_avg_pool2d or faster at every size measured.
         pooled = x.mean((2, 3))

@@ -39,7 +39,7 @@ class GatedSequential(nn.Sequential):
             if not (scratch_allowed and isinstance(module, GatedBlock)):
                 x, private, relu_output = module(x), False, False
                 continue
-            output = module(x, private, relu_output)  # (x, reuse_input, relu_input), positional: cheaper to dispatch
+            output = module(x, reuse_input=private, relu_input=relu_output)  # keywords: hooks see (x,) alone
             # The block has just checked for hooks that could see its tensors: one walk, not two.
             private = module.last_forward_unobserved and (private or output is not x)
             relu_output = module.ends_with_relu

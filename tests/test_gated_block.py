@@ -193,12 +193,16 @@ class TestSparseExecution:
         with torch.no_grad():
             gated.router.fc2.bias.copy_(torch.tensor([skip, run]))  # zero weights: the logits are the bias
         x = _inputs(1, (8, 8, 8))
+        branch_rows = []
+        gated.conv1.register_forward_hook(lambda module, args, output: branch_rows.append(len(args[0])))
         with torch.no_grad():
             pair = gated(x.expand(2, -1, -1, -1))
             argmax_gate = gated.last_gate
             single = gated(x)
-        assert argmax_gate.tolist() == [float(torch.tensor([[skip, run]]).argmax(1))] * 2
-        assert gated.last_gate.tolist() == argmax_gate[:1].tolist()
+        expected = int(torch.tensor([[skip, run]]).argmax(1))
+        assert argmax_gate.tolist() == [float(expected)] * 2
+        assert branch_rows == [2] * expected + [1] * expected  # the branch ran for the single image iff argmax says so
+        assert gated.last_gate.tolist() == [float(expected)]
         torch.testing.assert_close(single, pair[:1], atol=1e-5, rtol=0)
 
     def test_closed_block_computes_no_branch(self):

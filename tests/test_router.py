@@ -145,10 +145,11 @@ class TestRouter:
             assert torch.equal(router(x), router.fc2(hidden))
 
     def test_class_forward_patched_before_import_runs_in_inference(self):
-        # A library that patched nn.ReLU.forward before dynroute was imported still has its forward run.
+        # A library that patched nn.ReLU.forward before dynroute was imported, even keeping torch's names
+        # with functools.wraps, still has its forward run.
         script = (
-            "import torch\n"
-            "torch.nn.ReLU.forward = lambda self, input: input.abs()\n"
+            "import functools, torch\n"
+            "torch.nn.ReLU.forward = functools.wraps(torch.nn.ReLU.forward)(lambda self, input: input.abs())\n"
             "import dynroute\n"
             "router = dynroute.Router(16).eval()\n"
             "torch.nn.init.normal_(router.fc2.weight)\n"

@@ -149,6 +149,16 @@ class TestScratchBuffers:
             model(images(4))
         assert reuse_flags == [False, False] + [False, True, True] * 2
 
+    def test_hooks_on_blocks_see_the_input_alone(self):
+        # The stage passes its flags as keywords: a hook that unpacks (x,) keeps working in inference.
+        model, x = routed_model(blocks_per_stage=3), images(8)
+        seen = []
+        for _, block in dynroute.gated_blocks(model):
+            block.register_forward_pre_hook(lambda module, args: seen.append(len(args)))
+        with torch.inference_mode():
+            model(x)
+        assert seen == [1] * 9
+
     def test_the_stage_input_is_never_written(self):
         model, x = routed_model(blocks_per_stage=3), images(64)
         seen = []
