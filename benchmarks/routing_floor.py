@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from inference_speed import (
     FixedDecisions,
     ModelSpec,
@@ -76,16 +75,12 @@ class ChosenBlock(nn.Module):
 
 
 def bare_router(router: dynroute.Router) -> Callable[[Tensor], Tensor]:
-    """The router's logits (N, 2) from four ops on its bound tensors: no module call, no check.
+    """The router's logits (N, 2) from its inference ops on its bound tensors: no module call, no check.
 
     Written for the default router (``nn.Linear`` layers with biases, ``nn.ReLU`` between them).
     """
-    w1, b1, w2, b2 = (p.detach() for p in (router.fc1.weight, router.fc1.bias, router.fc2.weight, router.fc2.bias))
-
-    def logits(x: Tensor) -> Tensor:
-        return F.linear(F.linear(x.mean((2, 3)), w1, b1).relu_(), w2, b2)  # the ops of Router's inference path
-
-    return logits
+    tensors = tuple(p.detach() for p in (router.fc1.weight, router.fc1.bias, router.fc2.weight, router.fc2.bias))
+    return partial(router._mlp, bare=tensors)
 
 
 def chosen_network(dense: nn.Module, routed: nn.Module, with_routers: bool) -> tuple[nn.Module, list[ChosenBlock]]:
