@@ -9,7 +9,7 @@ from routed_models import centre_routers, images, routed_model
 from torch import nn
 
 import dynroute
-from dynroute import GatedBlock, GatedSequential
+from dynroute import GatedBlock, GatedSequential, gated_block
 from dynroute.models import CifarResNet
 
 
@@ -32,6 +32,20 @@ def _record_flags(monkeypatch, flag: str) -> list[bool]:
 
     monkeypatch.setattr(GatedBlock, "forward", recording_forward)
     return flags
+
+
+def _count_run_merges(monkeypatch, row_bytes: int) -> list[int]:
+    """Set the row size from which ReLU inputs merge run by run; the returned list gets an entry per such merge."""
+    merges: list[int] = []
+    merge_by_runs = gated_block._merge_by_runs
+
+    def counting_merge(x, routed, residual):
+        merges.append(len(routed))
+        return merge_by_runs(x, routed, residual)
+
+    monkeypatch.setattr(gated_block, "_RUN_MERGE_MIN_ROW_BYTES", row_bytes)
+    monkeypatch.setattr(gated_block, "_merge_by_runs", counting_merge)
+    return merges
 
 
 @pytest.fixture
@@ -196,9 +210,15 @@ class TestReluInputs:
         torch.testing.assert_close(logits, plain, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(logits, per_sample, rtol=1e-5, atol=1e-5)
 
+    @pytest.mark.parametrize("merge", ["index_add", "runs"])
     @pytest.mark.parametrize("fraction", [0.25, 0.75], ids=["few-rows-run", "most-rows-run"])
-    def test_outputs_equal_masked_and_plain_stages_whatever_the_share_of_routed_rows(self, fraction, relu_flags):
-        # Few routed rows are scattered as max(F(x), -x); with most, F(x) is added and every row goes through the ReLU.
+    def test_outputs_equal_masked_and_plain_stages_whatever_the_share_of_routed_rows(
+        self, fraction, merge, relu_flags, monkeypatch
+    ):
+        # With index_add, few routed rows are scattered as max(F(x), -x); with most, F(x) is added and every
+        # row goes through the ReLU. Large rows on CPU (any row here, with the threshold at 0) are merged run
+        # by run of adjacent routed rows.
+        runs_merged = _count_run_merges(monkeypatch, row_bytes=0 if merge == "runs" else 2**62)
         model, x = routed_model(blocks_per_stage=3), images(16)
         generator = torch.Generator().manual_seed(0)
         for _, block in dynroute.gated_blocks(model):
@@ -211,6 +231,7 @@ class TestReluInputs:
             assert relu_flags == [False, True, True] * 3
             masked = dynroute.set_execution(copy.deepcopy(model), "masked")(x)
             plain = _plain_stages(model)(x)
+        assert len(runs_merged) == (6 if merge == "runs" else 0)
         torch.testing.assert_close(logits, masked, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(logits, plain, rtol=0, atol=1e-6)
 
@@ -241,7 +262,9 @@ class TestReluInputs:
 class TestWithOtherLayoutsAndPrecisions:
     """Buffer reuse keeps channels_last and autocast behaving as in plain stages."""
 
-    def test_channels_last_stays_channels_last(self, reuse_flags):
+    @pytest.mark.parametrize("merge", ["index_add", "runs"])
+    def test_channels_last_stays_channels_last(self, merge, reuse_flags, monkeypatch):
+        runs_merged = _count_run_merges(monkeypatch, row_bytes=0 if merge == "runs" else 2**62)
         model, x = routed_model(blocks_per_stage=3), images(32)
         with torch.no_grad():
             expected = _plain_stages(model)(x)
@@ -253,6 +276,7 @@ class TestWithOtherLayoutsAndPrecisions:
         with torch.no_grad():
             logits = model(x.to(memory_format=torch.channels_last))
         assert reuse_flags == [False, True, True] * 3
+        assert (len(runs_merged) > 0) == (merge == "runs")
         assert all(out.is_contiguous(memory_format=torch.channels_last) for out in stage_outputs)
         torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
 
