@@ -35,6 +35,23 @@ def count_distinct_paths(paths: Tensor) -> int:
     return torch.unique(hard_paths(paths), dim=0).shape[0]
 
 
+def check_table_fits(model: nn.Module, table: MacsTable) -> None:
+    """Raise a ValueError naming the fix unless every gated block last ran on inputs of the size ``table`` measured.
+
+    A MAC table holds for one input size: a block's MACs grow with its input's area, so a table
+    measured at another size than the last forward's (train at 224, test at 256) would count wrongly.
+    Call it after a forward of ``model``.
+    """
+    for (name, block), measured in zip(gated_blocks(model), table.block_input_shapes):
+        seen = tuple(block.last_input_shape[1:])
+        if seen != tuple(measured):
+            raise ValueError(
+                f"block {name!r} ran on inputs of shape {seen}, but the MAC table was measured at input_size "
+                f"{tuple(table.input_size)}, where it sees {tuple(measured)}; MACs depend on the input size, so "
+                "measure a table at yours, table = dynroute.build_macs_table(model, (C, H, W)), and pass table=table"
+            )
+
+
 def forward_macs(model: nn.Module, table: MacsTable | None = None) -> Tensor:
     """MACs each sample of ``model``'s last forward paid (N,), float64, at the input size that forward had.
 
@@ -48,12 +65,5 @@ def forward_macs(model: nn.Module, table: MacsTable | None = None) -> Tensor:
     """
     table = macs_table(model) if table is None else table
     paths = routing_paths(model)
-    for (name, block), measured in zip(gated_blocks(model), table.block_input_shapes):
-        seen = tuple(block.last_input_shape[1:])
-        if seen != tuple(measured):
-            raise ValueError(
-                f"block {name!r} ran on inputs of shape {seen}, but the MAC table was measured at input_size "
-                f"{tuple(table.input_size)}, where it sees {tuple(measured)}; MACs depend on the input size, so "
-                "measure a table at yours, table = dynroute.build_macs_table(model, (C, H, W)), and pass table=table"
-            )
+    check_table_fits(model, table)
     return sample_macs(paths, table)

@@ -126,13 +126,17 @@ class BudgetLoss(nn.Module):
         max_passes: int = 16,
         max_batches: int | None = None,
         at_most: bool = False,
+        table: MacsTable | None = None,
     ) -> float:
         """After training: shift every router's "run" logit so the eval-mode cost over ``loader`` meets the target.
 
         Bisection on one shared offset (the one :meth:`trim` moves), each step a pass over the loader
         in eval mode; the model is left in the mode it had. Pass images the model will meet at test
         time without their labels mattering, e.g. training images under the evaluation transform,
-        never the test set you report on.
+        never the test set you report on. The cost is counted with ``table``, so images of another
+        input size than the table's raise a ValueError (see :func:`dynroute.collect_routing`); to
+        calibrate at another size (train at 224, test at 256), pass a table of it,
+        ``table=dynroute.build_macs_table(model, (C, H, W))``.
 
         Args:
             model: the trained, converted network (this loss's table).
@@ -142,6 +146,7 @@ class BudgetLoss(nn.Module):
             max_batches: use only this many batches of the loader.
             at_most: treat the target as a cap: keep only offsets whose cost is at or under it
                 (between ``target - tolerance`` and ``target`` when the bisection gets there).
+            table: the MAC table of the loader's image size; default :func:`dynroute.macs_table` (model).
 
         Returns:
             The cost fraction measured at the offset kept: the closest to the target seen (with
@@ -160,7 +165,7 @@ class BudgetLoss(nn.Module):
 
         def cost_at(offset: float) -> float:
             set_offset(offset)
-            return collect_routing(model, loader, max_batches=max_batches).macs().fraction
+            return collect_routing(model, loader, max_batches=max_batches, table=table).macs().fraction
 
         def closest() -> float:
             allowed = [offset for offset in measured if not at_most or measured[offset] <= self.target]

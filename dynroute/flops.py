@@ -20,7 +20,7 @@ with warnings.catch_warnings():  # fvcore scripts helpers with torch.jit, which 
 
 from dynroute.routing import force_gates, gated_blocks, unwrap_model
 
-__all__ = ["MacsTable", "attach_macs_table", "build_macs_table", "count_macs", "macs_table"]
+__all__ = ["MacsTable", "build_macs_table", "macs_table"]
 
 _TABLE_ATTRIBUTE = "_dynroute_macs_table"
 

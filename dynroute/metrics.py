@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dynroute.accounting import count_distinct_paths, hard_paths, sample_macs
+from dynroute.accounting import check_table_fits, count_distinct_paths, hard_paths, sample_macs
 from dynroute.flops import MacsTable, macs_table
 from dynroute.routing import routing_logits, routing_paths
 
@@ -386,6 +386,10 @@ def collect_routing(
 ) -> RoutingRecord:
     """Run a converted model over a loader in eval mode and record its paths and predictions.
 
+    The record counts MACs with ``table``, which holds for one input size: a batch of another size
+    raises a ValueError rather than count wrongly. To run at another size (train at 224, test at
+    256), pass a table of that size, ``table=dynroute.build_macs_table(model, (C, H, W))``.
+
     Args:
         model: a network converted with :func:`dynroute.convert_resnet`; left in the mode it had.
         loader: yields image batches (N, C, H, W) or ``(images, labels, ...)`` tuples.
@@ -394,7 +398,7 @@ def collect_routing(
         encoder: features for :func:`similarity_correlation`, ``encoder(images) -> (N, ...)``;
             an ``nn.Module`` encoder is run in eval mode too.
         max_batches: stop after this many batches.
-        table: the MAC table; default :func:`dynroute.macs_table` (model).
+        table: the MAC table of the loader's image size; default :func:`dynroute.macs_table` (model).
 
     Returns:
         The :class:`RoutingRecord` of every sample, in loader order.
@@ -412,6 +416,7 @@ def collect_routing(
             images, labels = _split_batch(batch)
             images = images.to(device)
             collector.add(images if augment is None else _augment_each(augment, images), labels, encoder)
+            check_table_fits(model, collector.table)
     return collector.record()
 
 

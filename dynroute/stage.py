@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from dynroute.gated_block import GatedBlock
 from dynroute.hooks import has_global_forward_hooks
 
-__all__ = ["GatedSequential", "adopt_stage"]
+__all__ = ["GatedSequential"]
 
 
 class GatedSequential(nn.Sequential):

@@ -90,8 +90,13 @@ def summary(
     device: torch.device | str | None = None,
     max_batches: int | None = None,
     verbose: bool = True,
+    table: MacsTable | None = None,
 ) -> RoutingSummary:
     """Print (and return) a converted model's blocks with their MACs and, over a loader, execution rates.
+
+    Over a loader the MACs are those of ``table``, so a batch of another input size than the
+    table's raises a ValueError (see :func:`dynroute.collect_routing`); for another size pass a
+    table of it, ``table=dynroute.build_macs_table(model, (C, H, W))``.
 
     Args:
         model: a network converted with :func:`dynroute.convert_resnet`; not changed.
@@ -99,6 +104,7 @@ def summary(
         device: where to run; default the model's.
         max_batches: stop after this many batches.
         verbose: print the table.
+        table: the MAC table of the loader's image size; default :func:`dynroute.macs_table` (model).
 
     Returns:
         The :class:`RoutingSummary`; ``str()`` of it is the table.
@@ -107,9 +113,10 @@ def summary(
         >>> dynroute.summary(model, test_loader, max_batches=10)
     """
     if loader is None:
-        result = RoutingSummary(table=macs_table(model))
+        result = RoutingSummary(table=macs_table(model) if table is None else table)
     else:
-        result = RoutingSummary.from_record(collect_routing(model, loader, device=device, max_batches=max_batches))
+        record = collect_routing(model, loader, device=device, max_batches=max_batches, table=table)
+        result = RoutingSummary.from_record(record)
     if verbose:
         print(result)
     return result

@@ -68,18 +68,42 @@ class TestExecutedPages:
         }
 
 
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    """The documentation site, built once with ``mkdocs build --strict``."""
+    if importlib.util.find_spec("mkdocs") is None:
+        pytest.skip("needs the docs extra")
+    site_dir = tmp_path_factory.mktemp("site")
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site_dir)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return site_dir
+
+
+# A module-level object in the API reference: an h3 heading whose id is its dotted path.
+API_OBJECT = re.compile(r'<h3 id="dynroute\.(?:[\w]+\.)+?(\w+)" class="doc doc-heading')
+
+
+def public_names() -> set[str]:
+    """The public API: the objects of ``dynroute.__all__``, ``dynroute.plots`` and ``dynroute.models``."""
+    modules_and_version = {"models", "plots", "__version__"}
+    return (set(dynroute.__all__) - modules_and_version) | set(dynroute.plots.__all__) | set(dynroute.models.__all__)
+
+
 class TestSite:
-    """The documentation site builds without a warning."""
+    """The documentation site builds without a warning, and its API reference is the public API."""
 
     @pytest.mark.slow
-    @pytest.mark.skipif(importlib.util.find_spec("mkdocs") is None, reason="needs the docs extra")
-    def test_mkdocs_build_strict(self, tmp_path):
-        result = subprocess.run(
-            [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert (tmp_path / "site" / "api" / "index.html").exists()
+    def test_mkdocs_build_strict(self, site):
+        assert (site / "api" / "index.html").exists()
+
+    @pytest.mark.slow
+    def test_api_reference_shows_the_public_api_only(self, site):
+        shown, public = set(API_OBJECT.findall((site / "api" / "index.html").read_text())), public_names()
+        assert not public - shown, f"docs/api.md lacks public names {sorted(public - shown)}"
+        assert not shown - public, f"docs/api.md shows internal names {sorted(shown - public)}"

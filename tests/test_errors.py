@@ -1,5 +1,7 @@
 """Bad input fails with a clear error that names the value and the fix (the table in docs/errors.md)."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -17,6 +19,11 @@ def model():
 @pytest.fixture(scope="module")
 def table(model):
     return dynroute.macs_table(model)
+
+
+@pytest.fixture(scope="module")
+def table_40(model):
+    return dynroute.build_macs_table(model, (3, 40, 40))
 
 
 class _Subclassed(CifarBasicBlock):
@@ -210,8 +217,21 @@ class TestBadInput:
         assert not missing, f"docs/errors.md lacks rows for {missing}"
 
 
+# What counts MACs over a loader, each returning the mean cost as a fraction of dense; keywords go to the call.
+LOADER_MEASURES = {
+    "summary": lambda model, loader, **kw: dynroute.summary(model, loader, verbose=False, **kw).macs_fraction,
+    "collect_routing": lambda model, loader, **kw: dynroute.collect_routing(model, loader, **kw).macs().fraction,
+    "BudgetLoss.calibrate": lambda model, loader, **kw: dynroute.BudgetLoss(
+        dynroute.macs_table(model), target=0.5
+    ).calibrate(model, loader, **kw),
+    "CoDiNetLoss.calibrate": lambda model, loader, **kw: dynroute.CoDiNetLoss(
+        dynroute.macs_table(model), num_views=1, target=0.5
+    ).calibrate(model, loader, **kw),
+}
+
+
 class TestInputSizeOtherThanTheTable:
-    """Train at 32, test at 40: forward_macs refuses the 32-pixel table and counts exactly with a 40-pixel one."""
+    """Train at 32, test at 40: MAC counts refuse the 32-pixel table and count exactly with a 40-pixel one."""
 
     def test_refuses_the_table_of_another_size(self, model):
         with torch.no_grad():
@@ -219,13 +239,37 @@ class TestInputSizeOtherThanTheTable:
         with pytest.raises(ValueError, match=r"\(16, 40, 40\), but the MAC table was measured at input_size "):
             dynroute.forward_macs(model)
 
-    def test_counts_with_a_table_of_the_forward_size(self, model):
+    def test_counts_with_a_table_of_the_forward_size(self, model, table_40):
         with torch.no_grad():
             model(torch.randn(2, 3, 40, 40))
-        table = dynroute.build_macs_table(model, (3, 40, 40))
-        assert table.dense_macs > dynroute.macs_table(model).dense_macs  # a bigger image costs more
+        assert table_40.dense_macs > dynroute.macs_table(model).dense_macs  # a bigger image costs more
         paths = dynroute.routing_paths(model)
-        torch.testing.assert_close(dynroute.forward_macs(model, table), dynroute.sample_macs(paths, table))
+        torch.testing.assert_close(dynroute.forward_macs(model, table_40), dynroute.sample_macs(paths, table_40))
+
+    @pytest.mark.parametrize("measure", list(LOADER_MEASURES.values()), ids=list(LOADER_MEASURES))
+    def test_loader_measures_refuse_the_table_of_another_size(self, model, measure):
+        before = copy.deepcopy(model.state_dict())
+        loader = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 40, 40)]  # the second batch is of another size
+        with pytest.raises(ValueError, match=r"\(16, 40, 40\), but the MAC table .* pass table=table"):
+            measure(model, loader)
+        assert all(torch.equal(value, model.state_dict()[key]) for key, value in before.items())
+
+    @pytest.mark.parametrize("measure", list(LOADER_MEASURES.values()), ids=list(LOADER_MEASURES))
+    def test_loader_measures_count_with_a_table_of_the_loader_size(self, model, table_40, measure):
+        loader = [torch.randn(2, 3, 40, 40), torch.randn(3, 3, 40, 40)]
+        model = copy.deepcopy(model)  # calibration moves the routers' thresholds
+        fraction = measure(model, loader, table=table_40)
+        expected = []
+        with torch.no_grad():
+            for images in loader:
+                model(images)
+                expected.append(dynroute.forward_macs(model, table_40))
+        assert fraction == pytest.approx(torch.cat(expected).mean().item() / table_40.dense_macs, rel=1e-12)
+
+    def test_summary_shows_the_sizes_of_its_table(self, model, table_40):
+        printed = str(dynroute.summary(model, [torch.randn(2, 3, 40, 40)], verbose=False, table=table_40))
+        assert "16x40x40" in printed and "16x32x32" not in printed
+        assert f"{table_40.dense_macs:,}" in printed
 
     def test_same_size_uses_the_model_table(self, model, table):
         with torch.no_grad():

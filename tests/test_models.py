@@ -1,3 +1,4 @@
+import inspect
 import os
 from pathlib import Path
 
@@ -19,6 +20,20 @@ class TestCifarResNet:
         convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
         assert len(convs) + 1 == depth
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+
+    @pytest.mark.parametrize("depth", [20, 32, 44, 56, 74, 110])
+    def test_builders_are_documented_functions_of_keywords(self, depth):
+        builder = getattr(dynroute.models, f"resnet{depth}")
+        assert inspect.isfunction(builder) and builder.__doc__.startswith(f"ResNet-{depth}: ")  # the API docs list it
+        parameters = inspect.signature(builder).parameters.values()
+        assert [(p.name, p.kind, p.default) for p in parameters] == [
+            ("num_classes", inspect.Parameter.KEYWORD_ONLY, 10),
+            ("shortcut", inspect.Parameter.KEYWORD_ONLY, "A"),
+            ("in_chans", inspect.Parameter.KEYWORD_ONLY, 3),
+        ]
+        model = builder(num_classes=5, shortcut="B", in_chans=1)
+        assert len(model.layer1) == (depth - 2) // 6 and model.conv1.in_channels == 1 and model.num_classes == 5
+        assert isinstance(model.layer2[0].shortcut, torch.nn.Sequential)  # option B: 1x1 conv and batch norm
 
     def test_pad_shortcut_subsamples_and_zero_pads(self):
         x = torch.randn(2, 16, 8, 8)

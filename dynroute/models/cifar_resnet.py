@@ -8,7 +8,6 @@ pretrained checkpoints (``conv1``, ``bn1``, ``layer1..3``, ``linear``), which
 """
 
 import os
-from functools import partial
 from typing import Literal
 
 import torch
@@ -133,16 +132,39 @@ class CifarResNet(nn.Module):
         return self.linear(self.pool(self.forward_features(x)).flatten(1))
 
 
-def _cifar_resnet(depth: int, **kwargs) -> CifarResNet:
-    return CifarResNet((depth - 2) // 6, **kwargs)
+def _cifar_resnet(depth: int, num_classes: int, shortcut: ShortcutOption, in_chans: int) -> CifarResNet:
+    """The CIFAR ResNet of ``depth`` = 6n + 2 layers."""
+    return CifarResNet((depth - 2) // 6, num_classes=num_classes, shortcut=shortcut, in_chans=in_chans)
 
 
-resnet20 = partial(_cifar_resnet, 20)
-resnet32 = partial(_cifar_resnet, 32)
-resnet44 = partial(_cifar_resnet, 44)
-resnet56 = partial(_cifar_resnet, 56)
-resnet74 = partial(_cifar_resnet, 74)
-resnet110 = partial(_cifar_resnet, 110)
+def resnet20(*, num_classes: int = 10, shortcut: ShortcutOption = "A", in_chans: int = 3) -> CifarResNet:
+    """ResNet-20: 3 blocks per stage. Arguments as for :class:`CifarResNet`."""
+    return _cifar_resnet(20, num_classes, shortcut, in_chans)
+
+
+def resnet32(*, num_classes: int = 10, shortcut: ShortcutOption = "A", in_chans: int = 3) -> CifarResNet:
+    """ResNet-32: 5 blocks per stage. Arguments as for :class:`CifarResNet`."""
+    return _cifar_resnet(32, num_classes, shortcut, in_chans)
+
+
+def resnet44(*, num_classes: int = 10, shortcut: ShortcutOption = "A", in_chans: int = 3) -> CifarResNet:
+    """ResNet-44: 7 blocks per stage. Arguments as for :class:`CifarResNet`."""
+    return _cifar_resnet(44, num_classes, shortcut, in_chans)
+
+
+def resnet56(*, num_classes: int = 10, shortcut: ShortcutOption = "A", in_chans: int = 3) -> CifarResNet:
+    """ResNet-56: 9 blocks per stage. Arguments as for :class:`CifarResNet`."""
+    return _cifar_resnet(56, num_classes, shortcut, in_chans)
+
+
+def resnet74(*, num_classes: int = 10, shortcut: ShortcutOption = "A", in_chans: int = 3) -> CifarResNet:
+    """ResNet-74: 12 blocks per stage. Arguments as for :class:`CifarResNet`."""
+    return _cifar_resnet(74, num_classes, shortcut, in_chans)
+
+
+def resnet110(*, num_classes: int = 10, shortcut: ShortcutOption = "A", in_chans: int = 3) -> CifarResNet:
+    """ResNet-110: 18 blocks per stage. Arguments as for :class:`CifarResNet`."""
+    return _cifar_resnet(110, num_classes, shortcut, in_chans)
 
 
 def load_cifar_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
