@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from dynroute.accounting import hard_paths
 from dynroute.flops import MacsTable
-from dynroute.losses import path_costs
+from dynroute.losses import check_table, check_target, path_costs
 from dynroute.metrics import collect_routing
 from dynroute.router import hard_gate
 from dynroute.routing import gated_blocks, routing_paths
@@ -76,12 +76,9 @@ class BudgetLoss(nn.Module):
         trim_step: float = 0.5,
     ) -> None:
         super().__init__()
+        check_table(table)
         fixed = table.fixed_cost()
-        if not fixed < target <= 1.0:
-            raise ValueError(
-                f"target must be a fraction of dense MACs in ({fixed:.3f}, 1], but got {target}; "
-                f"a network that skips every block still costs {fixed:.3f} of dense"
-            )
+        check_target(target, fixed)
         if penalty < 0 or step_size < 0:
             raise ValueError(f"penalty and step_size must be >= 0, but got {penalty} and {step_size}")
         self.register_buffer("block_costs", table.block_costs(), persistent=False)

@@ -6,23 +6,27 @@ from typing import Any
 from torch import Tensor, nn
 
 from dynroute.adapters import get_adapter, registered_block_types
-from dynroute.flops import attach_macs_table, build_macs_table
+from dynroute.flops import attach_macs_table, build_macs_table, check_input_size, first_conv_channels
 from dynroute.gated_block import GatedBlock, check_image_batch
+from dynroute.models.cifar_resnet import CifarResNet
 from dynroute.router import Router
 from dynroute.stage import adopt_stage
 
 __all__ = ["convert_resnet"]
 
-BlockSelector = Iterable[str] | Callable[[str, nn.Module], bool]
+BlockSelector = str | Iterable[str] | Callable[[str, nn.Module], bool]
 
 
 def _default_input_size(model: nn.Module) -> tuple[int, int, int]:
+    """timm's input size for a timm model; for any other, a ValueError suggesting one that fits the model."""
     config = getattr(model, "pretrained_cfg", None) or {}
     if "input_size" in config:  # timm models know theirs
         return tuple(config["input_size"])
+    channels = first_conv_channels(model) or 3
+    suggestion = f"({channels}, 32, 32)" if isinstance(model, CifarResNet) else f"({channels}, H, W)"
     raise ValueError(
-        f"input_size is needed to measure the MACs of {type(model).__name__}; "
-        "pass it as convert_resnet(model, input_size=(3, 224, 224))"
+        f"input_size is needed to measure the MACs of {type(model).__name__} (only timm models carry a default); "
+        f"pass convert_resnet(model, input_size={suggestion}), the (C, H, W) of the images it will see"
     )
 
 
@@ -68,7 +72,7 @@ def _select(blocks: list[tuple[str, nn.Module]], selector: BlockSelector | None)
         return blocks
     if callable(selector):
         return [(name, block) for name, block in blocks if selector(name, block)]
-    wanted = set(selector)
+    wanted = {selector} if isinstance(selector, str) else set(selector)  # one name is one name, not its letters
     unknown = wanted - {name for name, _ in blocks}
     if unknown:
         raise ValueError(
@@ -88,14 +92,16 @@ def convert_resnet(
     Works on timm and torchvision ResNets (and ResNeXts, wide and SE/ECA variants) and on
     :mod:`dynroute.models` CIFAR ResNets; other blocks can be taught with
     :func:`dynroute.register_block`. The forward signature and outputs are unchanged; with every
-    gate forced open (:func:`dynroute.force_gates`) the logits are the original's, and the
-    original's ``state_dict`` loads (router keys aside).
+    gate forced open (:func:`dynroute.force_gates`) the logits are the original's. The ``state_dict``
+    keeps the original's keys and adds ``<block>.router.*``: load the original's weights with
+    :func:`dynroute.load_dense_state_dict` (a strict ``load_state_dict`` misses the router keys).
 
     Args:
-        model: the network to convert; changed in place.
-        input_size: (C, H, W) at which fvcore measures MACs; timm models default to their own.
-        blocks: which residual blocks to gate, as dotted names or a predicate
-            ``(name, block) -> bool``; default all.
+        model: the network to convert; changed in place, and left as it was if conversion fails.
+        input_size: (C, H, W) of one image, channels first, at which fvcore measures MACs; needed
+            except for timm models, which default to their own.
+        blocks: which residual blocks to gate: a dotted name (``"layer1.0"``), an iterable of
+            them, or a predicate ``(name, block) -> bool``; default all.
         **router_kwargs: passed to every :class:`Router` (``rd_ratio``, ``temperature``,
             ``relaxation``, ``init_open_prob``, ...).
 
@@ -110,7 +116,6 @@ def convert_resnet(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, but got {type(model).__name__}")
-    input_size = _default_input_size(model) if input_size is None else tuple(input_size)
     found = _find_blocks(model)
     if not found:
         raise TypeError(
@@ -121,6 +126,7 @@ def convert_resnet(
     selected = _select(found, blocks)
     if not selected:
         raise ValueError(f"blocks={blocks!r} selects none of the residual blocks {[n for n, _ in found]}")
+    input_size = check_input_size(_default_input_size(model) if input_size is None else input_size)
     replaced: list[tuple[nn.Module, str, GatedBlock, type[nn.Module]]] = []  # parent, name, gated, parent class
     hook = None
     try:

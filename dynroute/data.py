@@ -28,7 +28,9 @@ __all__ = [
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# Datasets whose images must not be mirrored: flipping a digit changes what it shows.
+# The dataset names train_transform knows: natural images, mirrored in training ("imagefolder" for
+# any other natural-image folder), and digits, which must not be: flipping a digit changes what it shows.
+_FLIP_DATASETS = ("cifar10", "cifar100", "imagefolder")
 _NO_FLIP_DATASETS = ("svhn", "digits", "mnist")
 
 
@@ -87,15 +89,23 @@ def train_transform(
     """The paper's training augmentation: random crop with ``padding`` px, horizontal flip, normalise.
 
     Args:
-        dataset: a dataset name; SVHN (and other digit sets) get the crop only, no flip.
+        dataset: one of ``"cifar10"``, ``"cifar100"``, ``"imagefolder"`` (other natural images),
+            which get the flip, or ``"svhn"``, ``"digits"``, ``"mnist"``, which get the crop only;
+            case-insensitive. Any other name is a ValueError.
         image_size: side of the square crop.
         padding: zero padding on each side before cropping.
         mean: per-channel normalisation mean; the default is ImageNet's, which the widely used
             pretrained CIFAR ResNets (Yerlan Idelbayev's pytorch_resnet_cifar10) were trained with.
         std: per-channel normalisation standard deviation.
     """
+    name = dataset.lower() if isinstance(dataset, str) else dataset
+    if name not in _FLIP_DATASETS + _NO_FLIP_DATASETS:
+        raise ValueError(
+            f"unknown dataset {dataset!r}; train_transform knows {_FLIP_DATASETS} (flipped) and "
+            f"{_NO_FLIP_DATASETS} (digits: crop only, no flip); use 'imagefolder' for other natural images"
+        )
     augment: list = [T.RandomCrop(image_size, padding=padding)]
-    if dataset.lower() not in _NO_FLIP_DATASETS:
+    if name in _FLIP_DATASETS:
         augment.append(T.RandomHorizontalFlip())
     return T.Compose([*augment, T.ToTensor(), T.Normalize(mean, std)])
 

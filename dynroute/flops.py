@@ -7,7 +7,7 @@ user's model: fvcore traces a deep copy with every gate forced open, then closed
 
 import copy
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -113,6 +113,38 @@ def count_macs(
     return analysis
 
 
+def check_input_size(input_size: object) -> tuple[int, int, int]:
+    """``input_size`` as a tuple; a ValueError naming the fix unless it is (C, H, W) of three positive ints."""
+    sizes = tuple(input_size) if isinstance(input_size, Sequence) and not isinstance(input_size, str) else ()
+    if len(sizes) != 3 or not all(isinstance(size, int) and not isinstance(size, bool) and size > 0 for size in sizes):
+        raise ValueError(
+            f"input_size must be (C, H, W) of positive ints, but got {input_size!r}; give the channels, height "
+            "and width of one image, channels first, e.g. input_size=(3, 32, 32)"
+        )
+    return sizes
+
+
+def first_conv_channels(model: nn.Module) -> int | None:
+    """Input channels of the first ``nn.Conv2d`` of ``model`` in module order (a ResNet's stem), or None."""
+    return next((module.in_channels for module in model.modules() if isinstance(module, nn.Conv2d)), None)
+
+
+def _run_at(model: nn.Module, input_size: tuple[int, int, int]) -> None:
+    """One no-grad forward of a zero image of ``input_size``; a ValueError naming input_size if it fails."""
+    parameter = next(model.parameters())
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_size, device=parameter.device, dtype=parameter.dtype))
+    except Exception as error:
+        channels = first_conv_channels(model)
+        expects = "" if channels is None else f"; its first convolution takes {channels}, so pass ({channels}, H, W)"
+        raise ValueError(
+            f"measuring the MACs of {type(model).__name__} at input_size={input_size} failed: one image of that "
+            f"size does not run through it ({type(error).__name__}: {error}). input_size is (C, H, W), channels "
+            f"first{expects}"
+        ) from error
+
+
 def build_macs_table(model: nn.Module, input_size: tuple[int, ...]) -> MacsTable:
     """Measure the MAC table of a converted ``model`` at ``input_size`` = (C, H, W).
 
@@ -120,16 +152,13 @@ def build_macs_table(model: nn.Module, input_size: tuple[int, ...]) -> MacsTable
     and each router alone on its block's input shape (a forced gate leaves the router's output
     unused, so the tracer drops it from the whole-network trace).
     """
-    if len(input_size) != 3 or not all(isinstance(size, int) and size > 0 for size in input_size):
-        raise ValueError(f"input_size must be (C, H, W) of positive ints, but got {input_size}")
+    input_size = check_input_size(input_size)
     measured = copy.deepcopy(model).eval()
     blocks = list(gated_blocks(measured))
     if not blocks:
         raise TypeError(f"{type(model).__name__} has no gated blocks; convert it with dynroute.convert_resnet first")
     names = [name for name, _ in blocks]
-    parameter = next(measured.parameters())
-    with torch.no_grad():
-        force_gates(measured, "open")(torch.zeros(1, *input_size, device=parameter.device, dtype=parameter.dtype))
+    _run_at(force_gates(measured, "open"), input_size)
     shapes = tuple(tuple(block.last_input_shape[1:]) for _, block in blocks)
     by_module_open = count_macs(measured, input_size).by_module()
     closed = count_macs(force_gates(measured, "closed"), input_size)
@@ -139,7 +168,7 @@ def build_macs_table(model: nn.Module, input_size: tuple[int, ...]) -> MacsTable
     )
     routers_in_trace = sum(by_module_closed[f"{name}.router"] for name in names)
     return MacsTable(
-        input_size=tuple(input_size),
+        input_size=input_size,
         block_names=tuple(names),
         block_input_shapes=shapes,
         block_macs=tuple(by_module_open[name] - by_module_closed[name] for name in names),

@@ -46,7 +46,8 @@ def _in_float32(loss: Callable[..., Tensor]) -> Callable[..., Tensor]:
     return wrapper
 
 
-def _check_paths(paths: Tensor, num_views: int | None = None) -> None:
+def check_paths(paths: Tensor, num_views: int | None = None) -> None:
+    """Raise a ValueError naming the fix unless ``paths`` are (N, n_blocks) gates of L samples x ``num_views``."""
     if not isinstance(paths, Tensor) or paths.dim() != 2:
         shape = tuple(paths.shape) if isinstance(paths, Tensor) else type(paths).__name__
         raise ValueError(
@@ -91,14 +92,43 @@ def _check_reduction(reduction: str) -> None:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, but got {reduction!r}")
 
 
-def _check_target(target: float | None, reduction: str) -> None:
+def check_table(table: MacsTable) -> None:
+    """Raise a TypeError naming the fix unless ``table`` is a :class:`MacsTable`."""
+    if not isinstance(table, MacsTable):
+        given = "the model itself" if isinstance(table, nn.Module) else type(table).__name__
+        raise TypeError(
+            f"table must be the model's MacsTable, but got {given}; pass dynroute.macs_table(model), "
+            "measured by dynroute.convert_resnet"
+        )
+
+
+def check_target(target: float, fixed_cost: float = 0.0) -> None:
+    """Raise a ValueError unless ``target`` is a fraction of dense MACs in (``fixed_cost``, 1].
+
+    ``fixed_cost`` is the always-paid fraction (stem, shortcuts, head, routers): no path costs less.
+    """
+    if not fixed_cost < target <= 1.0 + 1e-6:  # NaN fails too
+        floor = f"{fixed_cost:.3f}" if fixed_cost else "0"
+        reason = f"; a network that skips every block still costs {floor} of dense" if fixed_cost else ""
+        raise ValueError(f"target must be a fraction of dense MACs in ({floor}, 1], but got {target}{reason}")
+
+
+def _check_target(target: float | None, reduction: str, fixed_cost: float) -> None:
     if target is None:
         return
-    if not 0.0 < target <= 1.0 + 1e-6:
-        raise ValueError(f"target must be a fraction of dense MACs in (0, 1], but got {target}")
+    check_target(target, fixed_cost)
     if reduction != "mean":
         raise ValueError(
             f"a target budget constrains the batch mean, so reduction must be 'mean', but got {reduction!r}"
+        )
+
+
+def _check_consistency_views(num_views: int) -> None:
+    check_num_views(num_views)
+    if num_views < 2:
+        raise ValueError(
+            f"consistency needs at least 2 views per sample, but got num_views={num_views}; build M >= 2 views "
+            "with dynroute.data.MultiViewTransform or leave the consistency term out"
         )
 
 
@@ -129,17 +159,14 @@ def consistency_loss(paths: Tensor, num_views: int, margin: float = 0.2, reducti
 
     Args:
         paths: relaxed paths (L * M, n_blocks), sample-major.
-        num_views: M, the views per sample; at least 2 (with one view the term is zero).
+        num_views: M, the views per sample; at least 2, else a ValueError (one view has no other view
+            to agree with: leave the term out, as :class:`~dynroute.CoDiNetLoss` does).
         margin: m_c.
         reduction: ``"mean"`` (Eq. 8), ``"sum"``, or ``"none"`` for a (L * M,) tensor.
     """
-    _check_paths(paths, num_views)
+    _check_consistency_views(num_views)
+    check_paths(paths, num_views)
     _check_margin(margin)
-    if num_views < 2:
-        raise ValueError(
-            f"consistency needs at least 2 views per sample, but got num_views={num_views}; build M >= 2 views "
-            "with dynroute.data.MultiViewTransform or leave the consistency term out"
-        )
     views = paths.unflatten(0, (-1, num_views))
     distance = _safe_norm(views - views.mean(1, keepdim=True)).flatten()
     return _reduce((distance - margin).clamp_min(0).pow(2), reduction)
@@ -156,7 +183,7 @@ def diversity_loss(paths: Tensor, num_views: int, margin: float = 0.5, reduction
         margin: m_d.
         reduction: ``"mean"`` (Eq. 9), ``"sum"``, or ``"none"`` for the (L, L) matrix with a zero diagonal.
     """
-    _check_paths(paths, num_views)
+    check_paths(paths, num_views)
     _check_margin(margin)
     centres = _centres(paths, num_views)
     if centres.shape[0] < 2:
@@ -172,7 +199,7 @@ def diversity_loss(paths: Tensor, num_views: int, margin: float = 0.5, reduction
 @_in_float32
 def path_costs(paths: Tensor, block_costs: Tensor, fixed_cost: float = 0.0) -> Tensor:
     """Per-sample cost ``fixed_cost + sum_k c_k v_k`` of Eq. 11, shape (N,)."""
-    _check_paths(paths)
+    check_paths(paths)
     if paths.shape[1] != block_costs.shape[0]:
         raise ValueError(
             f"paths have {paths.shape[1]} blocks but the cost table has {block_costs.shape[0]}; "
@@ -195,18 +222,19 @@ def cost_loss(
         paths: relaxed paths (N, n_blocks).
         block_costs: c_k, each block's MACs as a fraction of the dense network's, shape (n_blocks,).
         fixed_cost: the always-paid fraction (stem, shortcuts, head, routers).
-        target: budget as a fraction of dense MACs (e.g. 0.6); None to minimise cost.
+        target: budget as a fraction of dense MACs in (``fixed_cost``, 1], e.g. 0.6; None to
+            minimise cost.
         reduction: ``"mean"``, ``"sum"``, or ``"none"`` for (N,); must be ``"mean"`` with a target.
     """
     costs = path_costs(paths, block_costs, fixed_cost)
     if target is None:
         return _reduce(costs, reduction)
-    _check_target(target, reduction)
+    _check_target(target, reduction, fixed_cost)
     return (costs.mean() - target).pow(2)
 
 
 class ConsistencyLoss(nn.Module):
-    """Eq. 8 as a module; see :func:`consistency_loss`.
+    """Eq. 8 as a module; see :func:`consistency_loss`. ``num_views`` must be at least 2.
 
     Example:
         >>> loss = ConsistencyLoss(num_views=2)
@@ -215,7 +243,7 @@ class ConsistencyLoss(nn.Module):
 
     def __init__(self, num_views: int, margin: float = 0.2, reduction: str = "mean") -> None:
         super().__init__()
-        check_num_views(num_views)
+        _check_consistency_views(num_views)
         _check_margin(margin)
         _check_reduction(reduction)
         self.num_views, self.margin, self.reduction = num_views, margin, reduction
@@ -249,7 +277,8 @@ class CostLoss(nn.Module):
 
     Without a target the loss is the expected cost of the batch (about 1.0 with every gate open),
     so the weight gamma means the same on any network. With ``target`` it is
-    ``(mean cost - target)^2``, which pulls the average cost to the budget from either side.
+    ``(mean cost - target)^2``, which pulls the average cost to the budget from either side; the
+    target must lie in (``table.fixed_cost()``, 1], as no path costs less than the always-paid part.
 
     Example:
         >>> cost = CostLoss(dynroute.macs_table(model), target=0.6)
@@ -258,8 +287,9 @@ class CostLoss(nn.Module):
 
     def __init__(self, table: MacsTable, target: float | None = None, reduction: str = "mean") -> None:
         super().__init__()
+        check_table(table)
         _check_reduction(reduction)
-        _check_target(target, reduction)
+        _check_target(target, reduction, table.fixed_cost())
         self.register_buffer("block_costs", table.block_costs(), persistent=False)
         self.fixed_cost = table.fixed_cost()
         self.target, self.reduction = target, reduction

@@ -1,13 +1,15 @@
 """The CoDiNet training objective in one module: cross-entropy plus the three path terms (Eq. 12)."""
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from dynroute.budget import BudgetLoss
 from dynroute.flops import MacsTable
-from dynroute.losses import ConsistencyLoss, CostLoss, DiversityLoss
+from dynroute.losses import ConsistencyLoss, CostLoss, DiversityLoss, check_paths
 from dynroute.training import get_stage
 
 __all__ = ["CoDiNetLoss"]
@@ -20,9 +22,12 @@ class CoDiNetLoss(nn.Module):
     ``gamma * CostLoss`` (Eq. 11 with a fixed weight).
 
     Fallbacks, so the same loop runs everywhere: with ``num_views=1`` the consistency term is
-    left out (it compares views of one sample, and there is only one); in stage 2 (paths carry no
-    gradient: routers frozen, hard decisions) all path terms are left out and gamma stays put;
-    call :meth:`trim` after each stage-2 step to hold the hard cost on the budget.
+    left out (it compares views of one sample, and there is only one); when the paths carry no
+    gradient (stage 2: routers frozen, hard decisions; or an eval forward) all path terms are left
+    out and gamma stays put. The paths are checked against ``num_views`` and the logits either way.
+    Call :meth:`trim` after each training step: in stage 2 it holds the hard cost on the budget,
+    and in stage 1 it warns if the step's paths carried no gradient although autograd was on and
+    the logits did (the model left in eval mode, say), since then only cross-entropy trained.
 
     Args:
         table: the model's :class:`MacsTable`.
@@ -60,6 +65,7 @@ class CoDiNetLoss(nn.Module):
         else:
             self.cost = BudgetLoss(table, target, initial_gamma=gamma or 0.0, **budget_kwargs)
         self.num_views, self.alpha, self.beta, self.gamma = num_views, alpha, beta, gamma
+        self._paths_lacked_grad = False  # whether the last call dropped the path terms of a gradient step
         self.classification = nn.CrossEntropyLoss()
         self.consistency = ConsistencyLoss(num_views, consistency_margin) if num_views > 1 else None
         self.diversity = DiversityLoss(num_views, diversity_margin)
@@ -75,8 +81,15 @@ class CoDiNetLoss(nn.Module):
             paths: ``dynroute.routing_paths(model)`` of that forward, (L * M, n_blocks).
             router_logits: ``dynroute.routing_logits(model)``; lets the budget steer test-time decisions.
         """
+        check_paths(paths, self.num_views)
+        if paths.shape[0] != logits.shape[0]:
+            raise ValueError(
+                f"paths have {paths.shape[0]} rows but logits {logits.shape[0]}; pass dynroute.routing_paths(model) "
+                "of the forward that gave the logits"
+            )
         loss = self.classification(logits, labels)
         terms = {"ce": loss.item()}
+        self._paths_lacked_grad = torch.is_grad_enabled() and logits.requires_grad and not paths.requires_grad
         if not paths.requires_grad:
             return loss, terms
         if self.consistency is not None and self.alpha:
@@ -97,8 +110,20 @@ class CoDiNetLoss(nn.Module):
         return loss, terms
 
     def trim(self, model: nn.Module) -> None:
-        """After a stage-2 step, keep the hard cost on the budget (:meth:`BudgetLoss.trim`); else nothing."""
-        if isinstance(self.cost, BudgetLoss) and get_stage(model) == 2:
+        """After a training step: in stage 2, keep the hard cost on the budget (:meth:`BudgetLoss.trim`).
+
+        In stage 1, warns if the step's paths carried no gradient while the logits did: the path
+        terms were left out and gamma was not updated, most likely because the model was in eval mode.
+        """
+        stage = get_stage(model)
+        if stage == 1 and self._paths_lacked_grad:
+            warnings.warn(
+                "CoDiNetLoss left out the path terms (consistency, diversity, cost) and kept gamma: the paths of "
+                "this stage-1 step carried no gradient, though the logits did. Run stage-1 steps with the model in "
+                "training mode (model.train()) and pass dynroute.routing_paths(model) as it is",
+                stacklevel=2,
+            )
+        if isinstance(self.cost, BudgetLoss) and stage == 2:
             self.cost.trim(model)
 
     def calibrate(self, model: nn.Module, loader: Iterable, **kwargs: Any) -> float:

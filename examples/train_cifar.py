@@ -39,13 +39,19 @@ IMAGE_SIZE = 32  # CIFAR and SVHN images; ImageFolder images are resized to it
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--dataset", default="cifar10", help=f"one of {DATASETS}")
+    add(
+        "--dataset",
+        default="cifar10",
+        help=f"one of {DATASETS}; it picks the augmentation (svhn: no flip) and, unless --data-root holds train/, "
+        "the torchvision dataset",
+    )
     add(
         "--data-root",
         "--data_root",
         dest="data_root",
         default=os.path.expanduser("~/data"),
-        help="torchvision dataset folder, or an ImageFolder root with train/ and test/ (or val/), resized to 32x32",
+        help="torchvision dataset folder, or an ImageFolder root with train/ and test/ (or val/), resized to 32x32; "
+        "a root with train/ is read as an ImageFolder whatever --dataset says",
     )
     add("--download", action="store_true", help="let torchvision download CIFAR / SVHN into --data-root")
     add("--backbone", default="resnet56", help=f"one of {BACKBONES}")
@@ -61,8 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
 def build_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset, int, Callable]:
     """(train set with M views per sample, test set, number of classes, evaluation transform).
 
-    ImageFolder images are first resized (shorter side) and centre-cropped to 32x32, the size of
-    CIFAR and SVHN images, which the recipe and the MAC table of ``build_model`` assume.
+    A ``--data-root`` with a ``train/`` folder is read as an ImageFolder for any ``--dataset`` (a JPEG
+    copy of CIFAR-10, say), which then picks only the augmentation: SVHN's has no flip. ImageFolder
+    images are first resized (shorter side) and centre-cropped to 32x32, the size of CIFAR and SVHN
+    images, which the recipe and the MAC table of ``build_model`` assume.
     """
     dataset = args.dataset.lower()
     if dataset not in DATASETS:
@@ -70,6 +78,11 @@ def build_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset, int, Cal
     train_tf, test_tf = train_transform(dataset), eval_transform()
     root = os.path.expanduser(args.data_root)
     image_folder = dataset == "imagefolder" or os.path.isdir(os.path.join(root, "train"))
+    if image_folder and args.download:
+        raise ValueError(
+            f"--download fetches torchvision's CIFAR / SVHN, but {root!r} is read as an ImageFolder (--dataset "
+            "imagefolder, or a train/ folder in it); drop --download, or give a --data-root without train/"
+        )
     if image_folder:
         train_tf = T.Compose([T.Resize(IMAGE_SIZE), T.CenterCrop(IMAGE_SIZE), train_tf])
         test_tf = eval_transform(image_size=IMAGE_SIZE)

@@ -113,6 +113,12 @@ class TestConvertOptions:
         assert dynroute.macs_table(by_predicate).num_blocks == 3
         assert isinstance(by_predicate.layer1[0], CifarBasicBlock)
 
+    def test_a_single_block_name_is_one_name(self):
+        model = dynroute.convert_resnet(dynroute.models.resnet20(), (3, 32, 32), blocks="layer1.0")
+        assert [name for name, _ in dynroute.gated_blocks(model)] == ["layer1.0"]
+        with pytest.raises(ValueError, match=r"\['layer9'\] are not residual blocks"):
+            dynroute.convert_resnet(dynroute.models.resnet20(), (3, 32, 32), blocks="layer9")
+
     def test_unknown_block_names_are_refused(self):
         with pytest.raises(ValueError, match=r"\['layer9.0'\] are not residual blocks"):
             dynroute.convert_resnet(dynroute.models.resnet20(), (3, 32, 32), blocks=["layer9.0"])
@@ -131,13 +137,20 @@ class TestConvertOptions:
             dynroute.convert_resnet(model, (3, 32, 32))
 
     @pytest.mark.parametrize(
-        "input_size, error", [((32, 32), ValueError), ((1, 32, 32), RuntimeError)], ids=["not-chw", "wrong-channels"]
+        "input_size, message",
+        [
+            ((32, 32), r"input_size must be \(C, H, W\) of positive ints, but got \(32, 32\)"),
+            (32, r"input_size must be \(C, H, W\) of positive ints, but got 32"),
+            ((1, 32, 32), r"input_size=\(1, 32, 32\) failed: .*first convolution takes 3, so pass \(3, H, W\)"),
+            ((32, 32, 3), r"input_size=\(32, 32, 3\) failed: .*channels first"),
+        ],
+        ids=["not-chw", "int", "wrong-channels", "hwc"],
     )
-    def test_a_failed_conversion_leaves_the_model_as_it_was(self, input_size, error):
+    def test_a_failed_conversion_leaves_the_model_as_it_was(self, input_size, message):
         original = timm.create_model("resnet18").eval()
         model = copy.deepcopy(original)
         keys = set(model.state_dict())
-        with pytest.raises(error):
+        with pytest.raises(ValueError, match=message):
             dynroute.convert_resnet(model, input_size=input_size)
         assert not any(isinstance(module, dynroute.GatedBlock) for module in model.modules())
         assert type(model.layer1) is nn.Sequential and not model._forward_pre_hooks
@@ -156,8 +169,23 @@ class TestConvertOptions:
             dynroute.convert_resnet(CifarBasicBlock(8, 8), (8, 8, 8))
 
     def test_torchvision_needs_an_input_size(self):
-        with pytest.raises(ValueError, match="input_size=\\(3, 224, 224\\)"):
+        with pytest.raises(ValueError, match=r"only timm models carry a default\); .*input_size=\(3, H, W\)"):
             dynroute.convert_resnet(torchvision.models.resnet18())
+
+    def test_cifar_resnet_is_told_a_cifar_input_size(self):
+        with pytest.raises(ValueError, match=r"input_size=\(3, 32, 32\)"):
+            dynroute.convert_resnet(dynroute.models.resnet20())
+
+    def test_a_model_without_blocks_is_refused_before_its_input_size_is_asked(self):
+        with pytest.raises(TypeError, match="MobileNetV3 has no supported residual blocks"):
+            dynroute.convert_resnet(torchvision.models.mobilenet_v3_small())
+
+    def test_a_wrong_input_size_error_chains_the_trace_error(self):
+        model = dynroute.models.resnet20()
+        with pytest.raises(ValueError, match="input_size") as caught:
+            dynroute.convert_resnet(model, input_size=(32, 32, 3))
+        assert isinstance(caught.value.__cause__, RuntimeError)
+        assert not any(isinstance(module, dynroute.GatedBlock) for module in model.modules())
 
     def test_not_a_module_is_refused(self):
         with pytest.raises(TypeError, match="torch.nn.Module"):

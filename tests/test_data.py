@@ -110,6 +110,14 @@ class TestDefaultTransforms:
         types = self._types(train_transform(name))
         assert T.RandomCrop in types and T.RandomHorizontalFlip not in types
 
+    @pytest.mark.parametrize("name", ["svhn_extra", "cifar-10", "imagenet"])
+    def test_unknown_names_are_refused(self, name: str) -> None:
+        with pytest.raises(ValueError, match=f"unknown dataset '{name}'.*'imagefolder'.*'svhn'"):
+            train_transform(name)
+
+    def test_imagefolder_crops_and_flips(self) -> None:
+        assert T.RandomHorizontalFlip in self._types(train_transform("imagefolder"))
+
     def test_normalisation(self) -> None:
         image = Image.new("RGB", (32, 32), (124, 116, 104))
         out = eval_transform()(image)

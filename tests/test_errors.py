@@ -166,7 +166,41 @@ CASES = [
         "bad-cost-target",
         lambda model, table: dynroute.CostLoss(table, target=60),
         ValueError,
-        r"fraction of dense MACs in \(0, 1\], but got 60",
+        r"fraction of dense MACs in \(0\.\d{3}, 1\], but got 60",
+    ),
+    (
+        "cost-target-below-fixed-cost",
+        lambda model, table: dynroute.CostLoss(table, target=0.001),
+        ValueError,
+        r"in \(0\.\d{3}, 1\], but got 0.001; a network that skips every block still costs 0\.\d{3} of dense",
+    ),
+    (
+        "cost-loss-given-the-model",
+        lambda model, table: dynroute.CostLoss(model, target=0.6),
+        TypeError,
+        r"table must be the model's MacsTable, but got the model itself; pass dynroute.macs_table\(model\)",
+    ),
+    (
+        "codinet-views-without-gradient",
+        lambda model, table: dynroute.CoDiNetLoss(table, num_views=3)(
+            torch.randn(4, 10), torch.zeros(4, dtype=torch.long), _paths(4)
+        ),
+        ValueError,
+        r"a batch of 4 paths does not split into views of 3",
+    ),
+    (
+        "codinet-paths-of-another-batch",
+        lambda model, table: dynroute.CoDiNetLoss(table, num_views=2)(
+            torch.randn(4, 10), torch.zeros(4, dtype=torch.long), _paths(6)
+        ),
+        ValueError,
+        r"paths have 6 rows but logits 4; pass dynroute.routing_paths\(model\) of the forward",
+    ),
+    (
+        "unknown-dataset-transform",
+        lambda model, table: dynroute.train_transform("cifar-10"),
+        ValueError,
+        r"unknown dataset 'cifar-10'; train_transform knows \('cifar10', 'cifar100', 'imagefolder'\)",
     ),
     (
         "bad-forced-gate",
@@ -185,6 +219,31 @@ CASES = [
         lambda model, table: dynroute.build_macs_table(model, (32, 32)),
         ValueError,
         r"input_size must be \(C, H, W\) of positive ints, but got \(32, 32\)",
+    ),
+    (
+        "input-size-not-a-tuple",
+        lambda model, table: dynroute.convert_resnet(CifarResNet(1), input_size=32),
+        ValueError,
+        r"input_size must be \(C, H, W\) of positive ints, but got 32; .*e.g. input_size=\(3, 32, 32\)",
+    ),
+    (
+        "input-size-channels-last",
+        lambda model, table: dynroute.convert_resnet(CifarResNet(1), input_size=(32, 32, 3)),
+        ValueError,
+        r"MACs of CifarResNet at input_size=\(32, 32, 3\) failed: .*channels first; its first convolution "
+        r"takes 3, so pass \(3, H, W\)",
+    ),
+    (
+        "missing-input-size",
+        lambda model, table: dynroute.convert_resnet(CifarResNet(1)),
+        ValueError,
+        r"input_size is needed .* CifarResNet \(only timm models carry a default\); .*input_size=\(3, 32, 32\)",
+    ),
+    (
+        "unsupported-model-without-input-size",
+        lambda model, table: dynroute.convert_resnet(nn.Sequential(nn.Conv2d(3, 8, 3))),
+        TypeError,
+        r"Sequential has no supported residual blocks",
     ),
     (
         "dense-checkpoint-of-another-depth",

@@ -13,6 +13,7 @@ import timm
 import torch
 from PIL import Image
 from torchvision import datasets
+from torchvision import transforms as torchvision_transforms
 
 import dynroute
 from dynroute.flops import count_macs
@@ -179,6 +180,18 @@ class TestTrainCifar:
         lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("calibrated")]
         assert len(lines) == 3  # before each of the 2 stage-2 epochs, and after training
         assert all(55.0 <= float(line.split("cost ")[1].split("%")[0]) <= 60.0 for line in lines)
+
+    def test_a_train_folder_is_read_as_an_image_folder_with_the_dataset_augmentation(self, cifar_folder: Path) -> None:
+        args = train_cifar.build_parser().parse_args(["--dataset", "svhn", "--data-root", str(cifar_folder)])
+        train_set, _, classes, _ = train_cifar.build_datasets(_common.resolve_arguments(args))
+        assert isinstance(train_set, datasets.ImageFolder) and classes == 3
+        steps = [type(step) for step in train_set.transform.transform.transforms[-1].transforms]
+        assert torchvision_transforms.RandomCrop in steps and torchvision_transforms.RandomHorizontalFlip not in steps
+
+    def test_download_into_an_image_folder_is_refused(self, cifar_folder: Path) -> None:
+        args = train_cifar.build_parser().parse_args(["--data-root", str(cifar_folder), "--download"])
+        with pytest.raises(ValueError, match=r"--download fetches torchvision's CIFAR / SVHN, but .* ImageFolder"):
+            train_cifar.build_datasets(_common.resolve_arguments(args))
 
     def test_calibrate_when_needs_images(self) -> None:
         args = train_cifar.build_parser().parse_args(["--budget", "0.6", "--calibrate-when", "stage2"])

@@ -133,6 +133,21 @@ class TestCost:
         with pytest.raises(ValueError, match="target"):
             CostLoss(table, target=1.5)(torch.rand(2, table.num_blocks))
 
+    def test_target_below_the_fixed_cost_is_refused_as_by_the_budget(self):
+        table = dynroute.macs_table(self._model())
+        target, message = table.fixed_cost() / 2, f"skips every block still costs {table.fixed_cost():.3f} of dense"
+        for build in (lambda: CostLoss(table, target=target), lambda: dynroute.BudgetLoss(table, target=target)):
+            with pytest.raises(ValueError, match=message):
+                build()
+        with pytest.raises(ValueError, match="still costs"):
+            dynroute.cost_loss(torch.rand(2, table.num_blocks), table.block_costs(), table.fixed_cost(), target)
+
+    def test_the_model_instead_of_its_table_is_refused(self):
+        model = self._model()
+        for build in (lambda: CostLoss(model), lambda: dynroute.BudgetLoss(model, target=0.6)):
+            with pytest.raises(TypeError, match=r"pass dynroute.macs_table\(model\)"):
+                build()
+
 
 class TestPathValidation:
     """Every loss refuses malformed paths with a message that names the fix."""
@@ -162,6 +177,7 @@ class TestPathValidation:
             (lambda: dynroute.DiversityLoss(2, reduction="max"), "reduction must be one of"),
             (lambda: dynroute.diversity_loss(torch.rand(4, 3), 1, margin=-1.0), "margin"),
             (lambda: dynroute.consistency_loss(torch.rand(4, 0), 2), "paths have no blocks"),
+            (lambda: dynroute.ConsistencyLoss(num_views=1), "consistency needs at least 2 views"),
         ],
         ids=[
             "bool-views",
@@ -172,6 +188,7 @@ class TestPathValidation:
             "bad-reduction",
             "functional-margin",
             "no-blocks",
+            "one-view-consistency-module",
         ],
     )
     def test_bad_settings_fail_at_construction(self, build, message):

@@ -1,6 +1,7 @@
 """Tests of two-stage training (dynroute.training), the adaptive budget (BudgetLoss) and CoDiNetLoss."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -241,6 +242,30 @@ class TestCoDiNetLoss:
         assert terms.keys() == {"ce"}
         assert torch.allclose(loss, torch.nn.functional.cross_entropy(logits, labels))
         assert criterion.cost.gamma.item() == 0.0
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            criterion.trim(model)  # stage 2 drops the path terms by design: no warning
+
+    def test_stage_one_step_in_eval_mode_warns_at_trim(self) -> None:
+        model = _routed()
+        criterion = dynroute.CoDiNetLoss(dynroute.macs_table(model), num_views=2, target=0.5)
+        model.eval()  # a stage-1 step that forgot model.train()
+        logits, labels = model(torch.randn(8, 3, 16, 16)), torch.arange(4).repeat_interleave(2) % 3
+        _, terms = criterion(logits, labels, dynroute.routing_paths(model), dynroute.routing_logits(model))
+        assert terms.keys() == {"ce"}
+        with pytest.warns(UserWarning, match=r"paths of this stage-1 step carried no gradient.*model.train\(\)"):
+            criterion.trim(model)
+
+    def test_validation_without_autograd_does_not_warn(self) -> None:
+        model = _routed().eval()
+        criterion = dynroute.CoDiNetLoss(dynroute.macs_table(model), num_views=2, target=0.5)
+        with torch.no_grad():
+            logits = model(torch.randn(8, 3, 16, 16))
+            _, terms = criterion(logits, torch.zeros(8, dtype=torch.long), dynroute.routing_paths(model))
+        assert terms.keys() == {"ce"}
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            criterion.trim(model)
 
 
 class TestCalibrate:
