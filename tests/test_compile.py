@@ -4,12 +4,14 @@ The tests use the ``aot_eager`` backend (dynamo's tracing and AOT autograd witho
 slow C++ code generation): graph breaks and recompilations come from dynamo, whatever the backend.
 """
 
+import logging
 import warnings
 
 import pytest
 import torch
 from routed_models import images, routed_model
 from torch._dynamo.testing import CompileCounterWithBackend
+from torch._dynamo.utils import counters
 from torch.torch_version import TorchVersion
 
 import dynroute
@@ -17,6 +19,10 @@ import dynroute
 # One graph needs dynamo to trace the gated blocks' writes to their __dict__: torch 2.4 splits the forward
 # into several graphs (same results); one graph is measured on torch 2.14.
 ONE_GRAPH = TorchVersion(torch.__version__) >= (2, 14)
+# torch 2.7 renamed cache_size_limit and accumulated_cache_size_limit; the old names are aliases since.
+_NEW_LIMIT_NAMES = hasattr(torch._dynamo.config, "recompile_limit")
+RECOMPILE_LIMIT = "recompile_limit" if _NEW_LIMIT_NAMES else "cache_size_limit"
+ACCUMULATED_LIMIT = "accumulated_recompile_limit" if _NEW_LIMIT_NAMES else "accumulated_cache_size_limit"
 
 
 @pytest.fixture(autouse=True)
@@ -28,6 +34,18 @@ def _fresh_dynamo():
 
 def _batches(count: int, size: int = 8) -> list[torch.Tensor]:
     return [images(size, seed=20 + index) for index in range(count)]
+
+
+class _LimitHits(logging.Handler):
+    """Collects dynamo's "hit config.recompile_limit" warnings: past the limit a code object runs uncompiled."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "hit config." in record.getMessage():
+            self.messages.append(record.getMessage())
 
 
 def _routed_counts(model, batches) -> set[tuple[int, ...]]:
@@ -118,3 +136,34 @@ class TestEval:
                 torch.testing.assert_close(compiled(x), reference, rtol=1e-5, atol=1e-5)
         untraceable = [str(w.message) for w in caught if "Dynamo does not know how to trace" in str(w.message)]
         assert not untraceable, untraceable
+
+    def test_sparse_real_depth_compiles_within_the_documented_limit(self):
+        """ResNet-20: the blocks share code objects, whose cache entries outgrow torch's default limit of 8.
+
+        With the limit the docs give (8 per gated block), no code object falls back to eager and outputs
+        equal eager. Two passes over the batches warm up (the second still compiled a frame on torch 2.14.1);
+        the third compiles nothing.
+        """
+        model = routed_model(blocks_per_stage=3)  # dynroute.models.resnet20's 9 blocks, routers centred
+        blocks = len(list(dynroute.gated_blocks(model)))
+        batches = [images(size, seed=40 + index) for index, size in enumerate((8, 8, 8, 8, 1, 4))]
+        assert len(_routed_counts(model, batches)) > 3  # the batches route different numbers of samples
+        with torch.no_grad():
+            expected = [model(x) for x in batches]
+        limit = 8 * blocks
+        limits = {RECOMPILE_LIMIT: limit, ACCUMULATED_LIMIT: max(limit, 256)}
+        compiled = torch.compile(model, backend="aot_eager")
+        hits = _LimitHits()
+        dynamo_logger = logging.getLogger("torch._dynamo")
+        dynamo_logger.addHandler(hits)
+        frames = []
+        try:
+            with torch._dynamo.config.patch(**limits), torch.no_grad():
+                for _ in range(3):
+                    for x, reference in zip(batches, expected):
+                        torch.testing.assert_close(compiled(x), reference, rtol=1e-5, atol=1e-5)
+                    frames.append(counters["frames"]["total"])
+        finally:
+            dynamo_logger.removeHandler(hits)
+        assert not hits.messages, hits.messages
+        assert frames[2] == frames[1], "after warm-up, the same batches compile nothing new"
