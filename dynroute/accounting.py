@@ -35,21 +35,21 @@ def count_distinct_paths(paths: Tensor) -> int:
     return torch.unique(hard_paths(paths), dim=0).shape[0]
 
 
-def check_table_fits(model: nn.Module, table: MacsTable) -> None:
-    """Raise a ValueError naming the fix unless every gated block last ran on inputs of the size ``table`` measured.
+def table_mismatch(model: nn.Module, table: MacsTable) -> str | None:
+    """Why ``table`` does not fit ``model``'s last forward, naming the fix; None if every block ran at its size.
 
     A MAC table holds for one input size: a block's MACs grow with its input's area, so a table
     measured at another size than the last forward's (train at 224, test at 256) would count wrongly.
-    Call it after a forward of ``model``.
     """
     for (name, block), measured in zip(gated_blocks(model), table.block_input_shapes):
         seen = tuple(block.last_input_shape[1:])
         if seen != tuple(measured):
-            raise ValueError(
+            return (
                 f"block {name!r} ran on inputs of shape {seen}, but the MAC table was measured at input_size "
                 f"{tuple(table.input_size)}, where it sees {tuple(measured)}; MACs depend on the input size, so "
                 "measure a table at yours, table = dynroute.build_macs_table(model, (C, H, W)), and pass table=table"
             )
+    return None
 
 
 def forward_macs(model: nn.Module, table: MacsTable | None = None) -> Tensor:
@@ -65,5 +65,7 @@ def forward_macs(model: nn.Module, table: MacsTable | None = None) -> Tensor:
     """
     table = macs_table(model) if table is None else table
     paths = routing_paths(model)
-    check_table_fits(model, table)
+    mismatch = table_mismatch(model, table)
+    if mismatch is not None:
+        raise ValueError(mismatch)
     return sample_macs(paths, table)

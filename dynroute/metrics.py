@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dynroute.accounting import check_table_fits, count_distinct_paths, hard_paths, sample_macs
+from dynroute.accounting import count_distinct_paths, hard_paths, sample_macs, table_mismatch
 from dynroute.flops import MacsTable, macs_table
 from dynroute.routing import routing_logits, routing_paths
 
@@ -81,6 +81,8 @@ class RoutingRecord:
         labels: targets (N,) when the loader yields ``(images, labels)``, else None.
         features: ``encoder(images)`` flattened to (N, D) when an encoder was given, else None.
         table: the model's MAC table.
+        table_mismatch: why ``table`` does not fit the images' size, if a batch had another size
+            than the table's; then :meth:`macs` raises it as a ValueError. None when it fits.
     """
 
     paths: Tensor
@@ -89,6 +91,7 @@ class RoutingRecord:
     labels: Tensor | None
     features: Tensor | None
     table: MacsTable
+    table_mismatch: str | None = None
 
     @property
     def num_samples(self) -> int:
@@ -122,7 +125,9 @@ class RoutingRecord:
         return execution_rate(self.paths)
 
     def macs(self) -> MacsDistribution:
-        """Per-sample MACs of the recorded paths."""
+        """Per-sample MACs of the recorded paths; a ValueError if the table is of another input size."""
+        if self.table_mismatch is not None:
+            raise ValueError(self.table_mismatch)
         return macs_distribution(self.paths, self.table)
 
     def __repr__(self) -> str:
@@ -335,9 +340,12 @@ class _Collector:
         self.logits: list[Tensor] = []
         self.labels: list[Tensor] = []
         self.features: list[Tensor] = []
+        self.table_mismatch: str | None = None
 
     def add(self, images: Tensor, labels: Tensor | None = None, encoder: Encoder | None = None) -> None:
         logits = self.model(images)
+        if self.table_mismatch is None:
+            self.table_mismatch = table_mismatch(self.model, self.table)
         self.logits.append(logits.float().cpu())
         self.paths.append(hard_paths(routing_paths(self.model)).cpu())
         self.run_probs.append(routing_logits(self.model).float().softmax(dim=-1)[..., 1].cpu())
@@ -357,6 +365,7 @@ class _Collector:
             labels=torch.cat(self.labels) if has_labels else None,
             features=torch.cat(self.features) if self.features else None,
             table=self.table,
+            table_mismatch=self.table_mismatch,
         )
 
 
@@ -386,9 +395,10 @@ def collect_routing(
 ) -> RoutingRecord:
     """Run a converted model over a loader in eval mode and record its paths and predictions.
 
-    The record counts MACs with ``table``, which holds for one input size: a batch of another size
-    raises a ValueError rather than count wrongly. To run at another size (train at 224, test at
-    256), pass a table of that size, ``table=dynroute.build_macs_table(model, (C, H, W))``.
+    The record counts MACs with ``table``, which holds for one input size: if a batch had another
+    size, paths, predictions and accuracy are recorded as usual, but :meth:`RoutingRecord.macs`
+    raises a ValueError rather than count wrongly. To count MACs at another size (train at 224,
+    test at 256), pass a table of that size, ``table=dynroute.build_macs_table(model, (C, H, W))``.
 
     Args:
         model: a network converted with :func:`dynroute.convert_resnet`; left in the mode it had.
@@ -416,7 +426,6 @@ def collect_routing(
             images, labels = _split_batch(batch)
             images = images.to(device)
             collector.add(images if augment is None else _augment_each(augment, images), labels, encoder)
-            check_table_fits(model, collector.table)
     return collector.record()
 
 

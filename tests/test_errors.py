@@ -313,6 +313,18 @@ class TestInputSizeOtherThanTheTable:
             measure(model, loader)
         assert all(torch.equal(value, model.state_dict()[key]) for key, value in before.items())
 
+    def test_a_record_of_another_size_keeps_its_paths_and_refuses_only_macs(self, model):
+        loader = [torch.randn(2, 3, 32, 32), torch.randn(3, 3, 40, 40)]
+        record = dynroute.collect_routing(model, loader)
+        expected = []
+        with torch.no_grad():
+            for images in loader:
+                model(images)
+                expected.append(dynroute.routing_paths(model))
+        assert torch.equal(record.paths, dynroute.hard_paths(torch.cat(expected)))
+        with pytest.raises(ValueError, match=r"\(16, 40, 40\), but the MAC table .* pass table=table"):
+            record.macs()
+
     @pytest.mark.parametrize("measure", list(LOADER_MEASURES.values()), ids=list(LOADER_MEASURES))
     def test_loader_measures_count_with_a_table_of_the_loader_size(self, model, table_40, measure):
         loader = [torch.randn(2, 3, 40, 40), torch.randn(3, 3, 40, 40)]
