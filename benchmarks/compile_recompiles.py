@@ -29,7 +29,7 @@ from torch._dynamo.utils import counters
 import dynroute
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from routed_models import centre_routers, images  # noqa: E402  (the test suite's router centring)
+from routed_models import RecompileLimitHits, centre_routers, images  # noqa: E402  (the test suite's helpers)
 
 # name -> (network factory, image size)
 MODELS: dict[str, tuple[Callable[[], nn.Module], int]] = {
@@ -38,17 +38,6 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], int]] = {
     "resnet56": (dynroute.models.resnet56, 32),
     "timm_resnet18": (lambda: timm.create_model("resnet18"), 64),
 }
-
-
-class _LimitHits(logging.Handler):
-    """Counts dynamo's "hit config.recompile_limit" warnings."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.count = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.count += "hit config." in record.getMessage()
 
 
 def routed(name: str) -> tuple[nn.Module, int]:
@@ -72,7 +61,7 @@ def measure(name: str, execution: str, backend: str, batches: int, batch_sizes: 
     dynroute.set_execution(model, execution)
     counter = CompileCounterWithBackend(backend)
     compiled = torch.compile(model, backend=counter)
-    hits = _LimitHits()
+    hits = RecompileLimitHits()
     logging.getLogger("torch._dynamo").addHandler(hits)
     blocks = len(list(dynroute.gated_blocks(model)))
     print(f"--- model={name!r} ({blocks} gated blocks, {size} px) execution={execution!r} backend={backend!r}")
@@ -93,7 +82,7 @@ def measure(name: str, execution: str, backend: str, batches: int, batch_sizes: 
     entries, code = most_cache_entries()
     print(f"graph breaks: {sum(counters['graph_break'].values())}; most cache entries on one code: {entries} ({code})")
     limit = torch._dynamo.config.recompile_limit
-    print(f"code objects that hit the recompile limit ({limit}) and run uncompiled: {hits.count}")
+    print(f"code objects that hit the recompile limit ({limit}) and run uncompiled: {len(hits.messages)}")
 
 
 def main() -> None:

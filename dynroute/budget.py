@@ -36,9 +36,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from dynroute.accounting import hard_paths
-from dynroute.flops import MacsTable
-from dynroute.losses import check_table, check_target, path_costs
-from dynroute.metrics import collect_routing
+from dynroute.flops import MacsTable, check_table
+from dynroute.losses import check_target, path_costs
+from dynroute.metrics import collect_for_macs
 from dynroute.router import hard_gate
 from dynroute.routing import gated_blocks, routing_paths
 
@@ -131,7 +131,7 @@ class BudgetLoss(nn.Module):
         in eval mode; the model is left in the mode it had. Pass images the model will meet at test
         time without their labels mattering, e.g. training images under the evaluation transform,
         never the test set you report on. The cost is counted with ``table``, so images of another
-        input size than the table's raise a ValueError (see :func:`dynroute.collect_routing`); to
+        input size than the table's raise a ValueError at that batch (the routers left as they were); to
         calibrate at another size (train at 224, test at 256), pass a table of it,
         ``table=dynroute.build_macs_table(model, (C, H, W))``.
 
@@ -162,7 +162,7 @@ class BudgetLoss(nn.Module):
 
         def cost_at(offset: float) -> float:
             set_offset(offset)
-            return collect_routing(model, loader, max_batches=max_batches, table=table).macs().fraction
+            return collect_for_macs(model, loader, max_batches=max_batches, table=table).macs().fraction
 
         def closest() -> float:
             allowed = [offset for offset in measured if not at_most or measured[offset] <= self.target]

@@ -8,7 +8,6 @@ from torch import Tensor, nn
 from dynroute.adapters import get_adapter, registered_block_types
 from dynroute.flops import attach_macs_table, build_macs_table, check_input_size, first_conv_channels
 from dynroute.gated_block import GatedBlock, check_image_batch
-from dynroute.models.cifar_resnet import CifarResNet
 from dynroute.router import Router
 from dynroute.stage import adopt_stage
 
@@ -23,10 +22,10 @@ def _default_input_size(model: nn.Module) -> tuple[int, int, int]:
     if "input_size" in config:  # timm models know theirs
         return tuple(config["input_size"])
     channels = first_conv_channels(model) or 3
-    suggestion = f"({channels}, 32, 32)" if isinstance(model, CifarResNet) else f"({channels}, H, W)"
     raise ValueError(
         f"input_size is needed to measure the MACs of {type(model).__name__} (only timm models carry a default); "
-        f"pass convert_resnet(model, input_size={suggestion}), the (C, H, W) of the images it will see"
+        f"pass convert_resnet(model, input_size=({channels}, H, W)), the size of the images it will see, e.g. "
+        f"({channels}, 32, 32) for CIFAR or ({channels}, 224, 224) for ImageNet"
     )
 
 

@@ -6,8 +6,9 @@ user's model: fvcore traces a deep copy with every gate forced open, then closed
 """
 
 import copy
+import operator
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -113,10 +114,22 @@ def count_macs(
     return analysis
 
 
+def _positive_int(size: object) -> int | None:
+    """``size`` as an int if it is a positive integer of any kind (numpy, 0-d tensor) but a bool, else None."""
+    if isinstance(size, bool):
+        return None
+    try:
+        value = operator.index(size)
+    except TypeError:
+        return None
+    return value if value > 0 else None
+
+
 def check_input_size(input_size: object) -> tuple[int, int, int]:
-    """``input_size`` as a tuple; a ValueError naming the fix unless it is (C, H, W) of three positive ints."""
-    sizes = tuple(input_size) if isinstance(input_size, Sequence) and not isinstance(input_size, str) else ()
-    if len(sizes) != 3 or not all(isinstance(size, int) and not isinstance(size, bool) and size > 0 for size in sizes):
+    """``input_size`` as a tuple of ints; a ValueError naming the fix unless it is (C, H, W) of three positive ints."""
+    items = list(input_size) if isinstance(input_size, Iterable) and not isinstance(input_size, str) else []
+    sizes = tuple(_positive_int(size) for size in items)
+    if len(sizes) != 3 or None in sizes:
         raise ValueError(
             f"input_size must be (C, H, W) of positive ints, but got {input_size!r}; give the channels, height "
             "and width of one image, channels first, e.g. input_size=(3, 32, 32)"
@@ -135,14 +148,31 @@ def _run_at(model: nn.Module, input_size: tuple[int, int, int]) -> None:
     try:
         with torch.no_grad():
             model(torch.zeros(1, *input_size, device=parameter.device, dtype=parameter.dtype))
+    except torch.OutOfMemoryError:
+        raise
     except Exception as error:
         channels = first_conv_channels(model)
-        expects = "" if channels is None else f"; its first convolution takes {channels}, so pass ({channels}, H, W)"
+        if channels is not None and channels != input_size[0]:
+            hint = (
+                f"input_size is (C, H, W), channels first; its first convolution takes {channels}, "
+                f"so pass ({channels}, H, W)"
+            )
+        else:
+            hint = "check input_size (C, H, W), channels first, and the model's own forward"
         raise ValueError(
             f"measuring the MACs of {type(model).__name__} at input_size={input_size} failed: one image of that "
-            f"size does not run through it ({type(error).__name__}: {error}). input_size is (C, H, W), channels "
-            f"first{expects}"
+            f"size does not run through it ({type(error).__name__}: {error}); {hint}"
         ) from error
+
+
+def check_table(table: MacsTable) -> None:
+    """Raise a TypeError naming the fix unless ``table`` is a :class:`MacsTable`."""
+    if not isinstance(table, MacsTable):
+        given = "the model itself" if isinstance(table, nn.Module) else type(table).__name__
+        raise TypeError(
+            f"table must be the model's MacsTable, but got {given}; pass dynroute.macs_table(model), "
+            "measured by dynroute.convert_resnet"
+        )
 
 
 def build_macs_table(model: nn.Module, input_size: tuple[int, ...]) -> MacsTable:

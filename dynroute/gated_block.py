@@ -125,8 +125,9 @@ def _adjacent_runs(indices: list[int]) -> list[tuple[int, int, int]]:
 
 def _merges_by_runs(x: Tensor) -> bool:
     """Whether :func:`_merge_by_runs` beats ``index_add_`` for x (N, C, H, W): large rows on CPU, in eager mode."""
-    row_bytes = x.element_size() * x.numel() // x.shape[0]
-    return x.device.type == "cpu" and row_bytes >= _RUN_MERGE_MIN_ROW_BYTES and not torch.compiler.is_compiling()
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    return x.element_size() * x.numel() // x.shape[0] >= _RUN_MERGE_MIN_ROW_BYTES
 
 
 def _merge_by_runs(x: Tensor, routed: Tensor, residual: Tensor) -> Tensor:

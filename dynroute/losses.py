@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from dynroute.flops import MacsTable
+from dynroute.flops import MacsTable, check_table
 
 __all__ = [
     "consistency_loss",
@@ -46,7 +46,7 @@ def _in_float32(loss: Callable[..., Tensor]) -> Callable[..., Tensor]:
     return wrapper
 
 
-def check_paths(paths: Tensor, num_views: int | None = None) -> None:
+def _check_paths(paths: Tensor, num_views: int | None = None) -> None:
     """Raise a ValueError naming the fix unless ``paths`` are (N, n_blocks) gates of L samples x ``num_views``."""
     if not isinstance(paths, Tensor) or paths.dim() != 2:
         shape = tuple(paths.shape) if isinstance(paths, Tensor) else type(paths).__name__
@@ -92,17 +92,7 @@ def _check_reduction(reduction: str) -> None:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, but got {reduction!r}")
 
 
-def check_table(table: MacsTable) -> None:
-    """Raise a TypeError naming the fix unless ``table`` is a :class:`MacsTable`."""
-    if not isinstance(table, MacsTable):
-        given = "the model itself" if isinstance(table, nn.Module) else type(table).__name__
-        raise TypeError(
-            f"table must be the model's MacsTable, but got {given}; pass dynroute.macs_table(model), "
-            "measured by dynroute.convert_resnet"
-        )
-
-
-def check_target(target: float, fixed_cost: float = 0.0) -> None:
+def check_target(target: float, fixed_cost: float) -> None:
     """Raise a ValueError unless ``target`` is a fraction of dense MACs in (``fixed_cost``, 1].
 
     ``fixed_cost`` is the always-paid fraction (stem, shortcuts, head, routers): no path costs less.
@@ -113,7 +103,7 @@ def check_target(target: float, fixed_cost: float = 0.0) -> None:
         raise ValueError(f"target must be a fraction of dense MACs in ({floor}, 1], but got {target}{reason}")
 
 
-def _check_target(target: float | None, reduction: str, fixed_cost: float) -> None:
+def _check_cost_target(target: float | None, reduction: str, fixed_cost: float) -> None:
     if target is None:
         return
     check_target(target, fixed_cost)
@@ -165,7 +155,7 @@ def consistency_loss(paths: Tensor, num_views: int, margin: float = 0.2, reducti
         reduction: ``"mean"`` (Eq. 8), ``"sum"``, or ``"none"`` for a (L * M,) tensor.
     """
     _check_consistency_views(num_views)
-    check_paths(paths, num_views)
+    _check_paths(paths, num_views)
     _check_margin(margin)
     views = paths.unflatten(0, (-1, num_views))
     distance = _safe_norm(views - views.mean(1, keepdim=True)).flatten()
@@ -183,7 +173,7 @@ def diversity_loss(paths: Tensor, num_views: int, margin: float = 0.5, reduction
         margin: m_d.
         reduction: ``"mean"`` (Eq. 9), ``"sum"``, or ``"none"`` for the (L, L) matrix with a zero diagonal.
     """
-    check_paths(paths, num_views)
+    _check_paths(paths, num_views)
     _check_margin(margin)
     centres = _centres(paths, num_views)
     if centres.shape[0] < 2:
@@ -199,7 +189,7 @@ def diversity_loss(paths: Tensor, num_views: int, margin: float = 0.5, reduction
 @_in_float32
 def path_costs(paths: Tensor, block_costs: Tensor, fixed_cost: float = 0.0) -> Tensor:
     """Per-sample cost ``fixed_cost + sum_k c_k v_k`` of Eq. 11, shape (N,)."""
-    check_paths(paths)
+    _check_paths(paths)
     if paths.shape[1] != block_costs.shape[0]:
         raise ValueError(
             f"paths have {paths.shape[1]} blocks but the cost table has {block_costs.shape[0]}; "
@@ -229,7 +219,7 @@ def cost_loss(
     costs = path_costs(paths, block_costs, fixed_cost)
     if target is None:
         return _reduce(costs, reduction)
-    _check_target(target, reduction, fixed_cost)
+    _check_cost_target(target, reduction, fixed_cost)
     return (costs.mean() - target).pow(2)
 
 
@@ -289,7 +279,7 @@ class CostLoss(nn.Module):
         super().__init__()
         check_table(table)
         _check_reduction(reduction)
-        _check_target(target, reduction, table.fixed_cost())
+        _check_cost_target(target, reduction, table.fixed_cost())
         self.register_buffer("block_costs", table.block_costs(), persistent=False)
         self.fixed_cost = table.fixed_cost()
         self.target, self.reduction = target, reduction

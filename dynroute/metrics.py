@@ -9,7 +9,7 @@ augmented copy in one pass (the paper's path agreement and Fig. 9).
 
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -80,9 +80,8 @@ class RoutingRecord:
         logits: model outputs (N, num_classes).
         labels: targets (N,) when the loader yields ``(images, labels)``, else None.
         features: ``encoder(images)`` flattened to (N, D) when an encoder was given, else None.
-        table: the model's MAC table.
-        table_mismatch: why ``table`` does not fit the images' size, if a batch had another size
-            than the table's; then :meth:`macs` raises it as a ValueError. None when it fits.
+        table: the model's MAC table; :meth:`macs` raises a ValueError if a batch had another
+            input size than the table's.
     """
 
     paths: Tensor
@@ -91,7 +90,7 @@ class RoutingRecord:
     labels: Tensor | None
     features: Tensor | None
     table: MacsTable
-    table_mismatch: str | None = None
+    _table_mismatch: str | None = field(default=None, repr=False)  # why the table does not fit, if it does not
 
     @property
     def num_samples(self) -> int:
@@ -126,8 +125,8 @@ class RoutingRecord:
 
     def macs(self) -> MacsDistribution:
         """Per-sample MACs of the recorded paths; a ValueError if the table is of another input size."""
-        if self.table_mismatch is not None:
-            raise ValueError(self.table_mismatch)
+        if self._table_mismatch is not None:
+            raise ValueError(self._table_mismatch)
         return macs_distribution(self.paths, self.table)
 
     def __repr__(self) -> str:
@@ -331,10 +330,14 @@ def _augment_each(augment: Augment, images: Tensor) -> Tensor:
 
 
 class _Collector:
-    """Runs the model on batches and keeps what :class:`RoutingRecord` holds."""
+    """Runs the model on batches and keeps what :class:`RoutingRecord` holds.
 
-    def __init__(self, model: nn.Module, table: MacsTable) -> None:
-        self.model, self.table = model, table
+    With ``stop_on_mismatch`` a batch that does not fit the MAC table raises at once; otherwise the
+    record keeps the reason and only its MACs are refused.
+    """
+
+    def __init__(self, model: nn.Module, table: MacsTable, stop_on_mismatch: bool = False) -> None:
+        self.model, self.table, self.stop_on_mismatch = model, table, stop_on_mismatch
         self.paths: list[Tensor] = []
         self.run_probs: list[Tensor] = []
         self.logits: list[Tensor] = []
@@ -346,6 +349,8 @@ class _Collector:
         logits = self.model(images)
         if self.table_mismatch is None:
             self.table_mismatch = table_mismatch(self.model, self.table)
+            if self.table_mismatch is not None and self.stop_on_mismatch:
+                raise ValueError(self.table_mismatch)
         self.logits.append(logits.float().cpu())
         self.paths.append(hard_paths(routing_paths(self.model)).cpu())
         self.run_probs.append(routing_logits(self.model).float().softmax(dim=-1)[..., 1].cpu())
@@ -365,7 +370,7 @@ class _Collector:
             labels=torch.cat(self.labels) if has_labels else None,
             features=torch.cat(self.features) if self.features else None,
             table=self.table,
-            table_mismatch=self.table_mismatch,
+            _table_mismatch=self.table_mismatch,
         )
 
 
@@ -418,8 +423,32 @@ def collect_routing(
         >>> record.distinct_paths, record.macs().fraction
     """
     collector = _Collector(model, macs_table(model) if table is None else table)
-    device = _model_device(model, device)
-    with _evaluating(model, encoder):
+    return _collect(collector, loader, device, augment, encoder, max_batches)
+
+
+def collect_for_macs(
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device | str | None = None,
+    max_batches: int | None = None,
+    table: MacsTable | None = None,
+) -> RoutingRecord:
+    """:func:`collect_routing` for a MAC count: the ValueError of a table of another size comes at that batch."""
+    collector = _Collector(model, macs_table(model) if table is None else table, stop_on_mismatch=True)
+    return _collect(collector, loader, device, None, None, max_batches)
+
+
+def _collect(
+    collector: "_Collector",
+    loader: Iterable,
+    device: torch.device | str | None,
+    augment: Augment | None,
+    encoder: Encoder | None,
+    max_batches: int | None,
+) -> RoutingRecord:
+    """Feed ``collector`` the loader's batches in eval mode without gradients; its record."""
+    device = _model_device(collector.model, device)
+    with _evaluating(collector.model, encoder):
         for index, batch in enumerate(loader):
             if max_batches is not None and index >= max_batches:
                 break

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from dynroute.budget import BudgetLoss
 from dynroute.flops import MacsTable
-from dynroute.losses import ConsistencyLoss, CostLoss, DiversityLoss, check_paths
+from dynroute.losses import ConsistencyLoss, CostLoss, DiversityLoss
 from dynroute.training import get_stage
 
 __all__ = ["CoDiNetLoss"]
@@ -24,7 +24,8 @@ class CoDiNetLoss(nn.Module):
     Fallbacks, so the same loop runs everywhere: with ``num_views=1`` the consistency term is
     left out (it compares views of one sample, and there is only one); when the paths carry no
     gradient (stage 2: routers frozen, hard decisions; or an eval forward) all path terms are left
-    out and gamma stays put. The paths are checked against ``num_views`` and the logits either way.
+    out and gamma stays put. Either way the paths must have as many rows as the logits (a
+    validation batch of any size passes).
     Call :meth:`trim` after each training step: in stage 2 it holds the hard cost on the budget,
     and in stage 1 it warns if the step's paths carried no gradient although autograd was on and
     the logits did (the model left in eval mode, say), since then only cross-entropy trained.
@@ -81,7 +82,6 @@ class CoDiNetLoss(nn.Module):
             paths: ``dynroute.routing_paths(model)`` of that forward, (L * M, n_blocks).
             router_logits: ``dynroute.routing_logits(model)``; lets the budget steer test-time decisions.
         """
-        check_paths(paths, self.num_views)
         if paths.shape[0] != logits.shape[0]:
             raise ValueError(
                 f"paths have {paths.shape[0]} rows but logits {logits.shape[0]}; pass dynroute.routing_paths(model) "
@@ -115,15 +115,19 @@ class CoDiNetLoss(nn.Module):
         In stage 1, warns if the step's paths carried no gradient while the logits did: the path
         terms were left out and gamma was not updated, most likely because the model was in eval mode.
         """
+        budget = isinstance(self.cost, BudgetLoss)
+        if not (budget or self._paths_lacked_grad):
+            return
         stage = get_stage(model)
         if stage == 1 and self._paths_lacked_grad:
             warnings.warn(
                 "CoDiNetLoss left out the path terms (consistency, diversity, cost) and kept gamma: the paths of "
-                "this stage-1 step carried no gradient, though the logits did. Run stage-1 steps with the model in "
-                "training mode (model.train()) and pass dynroute.routing_paths(model) as it is",
+                "this stage-1 step carried no gradient, though the logits did (the model in eval mode, gates forced "
+                "open or closed, or routers frozen). To train the routers, run stage-1 steps in training mode "
+                "(model.train()) with trainable routers and pass dynroute.routing_paths(model) as it is",
                 stacklevel=2,
             )
-        if isinstance(self.cost, BudgetLoss) and stage == 2:
+        if budget and stage == 2:
             self.cost.trim(model)
 
     def calibrate(self, model: nn.Module, loader: Iterable, **kwargs: Any) -> float:

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from dynroute.flops import MacsTable, macs_table
-from dynroute.metrics import RoutingRecord, collect_routing
+from dynroute.metrics import RoutingRecord, collect_for_macs
 
 __all__ = ["RoutingSummary", "summary"]
 
@@ -95,7 +95,7 @@ def summary(
     """Print (and return) a converted model's blocks with their MACs and, over a loader, execution rates.
 
     Over a loader the MACs are those of ``table``, so a batch of another input size than the
-    table's raises a ValueError (see :func:`dynroute.collect_routing`); for another size pass a
+    table's raises a ValueError at that batch; for another size pass a
     table of it, ``table=dynroute.build_macs_table(model, (C, H, W))``.
 
     Args:
@@ -115,7 +115,7 @@ def summary(
     if loader is None:
         result = RoutingSummary(table=macs_table(model) if table is None else table)
     else:
-        record = collect_routing(model, loader, device=device, max_batches=max_batches, table=table)
+        record = collect_for_macs(model, loader, device=device, max_batches=max_batches, table=table)
         result = RoutingSummary.from_record(record)
     if verbose:
         print(result)

@@ -1,5 +1,7 @@
 """Small converted models whose routers really disagree between samples, shared by the robustness tests."""
 
+import logging
+
 import torch
 from torch import nn
 
@@ -33,3 +35,15 @@ def routed_model(blocks_per_stage: int = 1, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = dynroute.convert_resnet(CifarResNet(blocks_per_stage), input_size=(3, 32, 32)).eval()
     return centre_routers(model, images(64, seed=seed + 100))
+
+
+class RecompileLimitHits(logging.Handler):
+    """Collects dynamo's "hit config.recompile_limit" warnings: past the limit a code object runs uncompiled."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "hit config." in record.getMessage():
+            self.messages.append(record.getMessage())

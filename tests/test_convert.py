@@ -172,8 +172,8 @@ class TestConvertOptions:
         with pytest.raises(ValueError, match=r"only timm models carry a default\); .*input_size=\(3, H, W\)"):
             dynroute.convert_resnet(torchvision.models.resnet18())
 
-    def test_cifar_resnet_is_told_a_cifar_input_size(self):
-        with pytest.raises(ValueError, match=r"input_size=\(3, 32, 32\)"):
+    def test_a_cifar_resnet_is_told_a_cifar_input_size_by_example(self):
+        with pytest.raises(ValueError, match=r"input_size=\(3, H, W\)\), .*e\.g\. \(3, 32, 32\) for CIFAR"):
             dynroute.convert_resnet(dynroute.models.resnet20())
 
     def test_a_model_without_blocks_is_refused_before_its_input_size_is_asked(self):

@@ -181,14 +181,6 @@ CASES = [
         r"table must be the model's MacsTable, but got the model itself; pass dynroute.macs_table\(model\)",
     ),
     (
-        "codinet-views-without-gradient",
-        lambda model, table: dynroute.CoDiNetLoss(table, num_views=3)(
-            torch.randn(4, 10), torch.zeros(4, dtype=torch.long), _paths(4)
-        ),
-        ValueError,
-        r"a batch of 4 paths does not split into views of 3",
-    ),
-    (
         "codinet-paths-of-another-batch",
         lambda model, table: dynroute.CoDiNetLoss(table, num_views=2)(
             torch.randn(4, 10), torch.zeros(4, dtype=torch.long), _paths(6)
@@ -237,7 +229,8 @@ CASES = [
         "missing-input-size",
         lambda model, table: dynroute.convert_resnet(CifarResNet(1)),
         ValueError,
-        r"input_size is needed .* CifarResNet \(only timm models carry a default\); .*input_size=\(3, 32, 32\)",
+        r"input_size is needed .* CifarResNet \(only timm models carry a default\); .*input_size=\(3, H, W\)\), "
+        r".*e\.g\. \(3, 32, 32\) for CIFAR",
     ),
     (
         "unsupported-model-without-input-size",
@@ -308,10 +301,19 @@ class TestInputSizeOtherThanTheTable:
     @pytest.mark.parametrize("measure", list(LOADER_MEASURES.values()), ids=list(LOADER_MEASURES))
     def test_loader_measures_refuse_the_table_of_another_size(self, model, measure):
         before = copy.deepcopy(model.state_dict())
-        loader = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 40, 40)]  # the second batch is of another size
+        sizes = [32, 40, 32, 32]  # the second batch is of another size
+        drawn = []
+
+        def loader():
+            for size in sizes:
+                drawn.append(size)
+                yield torch.randn(2, 3, size, size)
+
         with pytest.raises(ValueError, match=r"\(16, 40, 40\), but the MAC table .* pass table=table"):
-            measure(model, loader)
+            measure(model, loader())
         assert all(torch.equal(value, model.state_dict()[key]) for key, value in before.items())
+        # A measure of MACs stops at the bad batch; a record of paths goes on and refuses only its MACs.
+        assert drawn == (sizes if measure is LOADER_MEASURES["collect_routing"] else sizes[:2])
 
     def test_a_record_of_another_size_keeps_its_paths_and_refuses_only_macs(self, model):
         loader = [torch.randn(2, 3, 32, 32), torch.randn(3, 3, 40, 40)]

@@ -1,6 +1,7 @@
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -87,3 +88,20 @@ class TestMacsTable:
             dynroute.macs_table(dynroute.models.resnet20())
         with pytest.raises(TypeError, match="no gated blocks"):
             dynroute.build_macs_table(dynroute.models.resnet20(), (3, 32, 32))
+
+    @pytest.mark.parametrize(
+        "input_size",
+        [torch.Size([3, 16, 16]), [3, 16, 16], (3, np.int64(16), torch.tensor(16))],
+        ids=["torch-size", "list", "numpy-and-tensor-ints"],
+    )
+    def test_integer_like_input_sizes_measure_as_ints(self, input_size):
+        model = dynroute.convert_resnet(dynroute.models.resnet20(), input_size=(3, 32, 32))
+        table = dynroute.build_macs_table(model, input_size)
+        assert table.input_size == (3, 16, 16) and all(type(size) is int for size in table.input_size)
+        assert table.dense_macs == dynroute.build_macs_table(model, (3, 16, 16)).dense_macs
+
+    @pytest.mark.parametrize("input_size", [(3, 16.0, 16), (3, True, 16), (3, 0, 16), "3x16x16"])
+    def test_non_integer_input_sizes_are_refused(self, input_size):
+        model = dynroute.convert_resnet(dynroute.models.resnet20(), input_size=(3, 32, 32))
+        with pytest.raises(ValueError, match=r"input_size must be \(C, H, W\) of positive ints"):
+            dynroute.build_macs_table(model, input_size)

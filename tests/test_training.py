@@ -256,13 +256,17 @@ class TestCoDiNetLoss:
         with pytest.warns(UserWarning, match=r"paths of this stage-1 step carried no gradient.*model.train\(\)"):
             criterion.trim(model)
 
-    def test_validation_without_autograd_does_not_warn(self) -> None:
+    @pytest.mark.parametrize("batch", [8, 7], ids=["views", "single-view-odd-batch"])
+    def test_validation_without_autograd_does_not_warn(self, batch) -> None:
+        # A validation loop may reuse the training criterion on single-view batches of any size.
         model = _routed().eval()
         criterion = dynroute.CoDiNetLoss(dynroute.macs_table(model), num_views=2, target=0.5)
+        labels = torch.randint(0, 3, (batch,))
         with torch.no_grad():
-            logits = model(torch.randn(8, 3, 16, 16))
-            _, terms = criterion(logits, torch.zeros(8, dtype=torch.long), dynroute.routing_paths(model))
+            logits = model(torch.randn(batch, 3, 16, 16))
+            loss, terms = criterion(logits, labels, dynroute.routing_paths(model))
         assert terms.keys() == {"ce"}
+        torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, labels))
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             criterion.trim(model)
