@@ -311,3 +311,21 @@ class TestFeatureExtraction:
         for got, expected, reference in zip(features, plain, masked, strict=True):
             assert torch.equal(got, expected)
             torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)
+
+    def test_timm_forward_intermediates_are_those_of_plain_stages(self):
+        """forward_intermediates keeps every stage's output too, and returns the final features."""
+        torch.manual_seed(0)
+        model = dynroute.convert_resnet(_random_batchnorm(timm.create_model("resnet26")), input_size=(3, 64, 64))
+        model.eval()
+        x = images(16, size=64)
+        centre_routers(model, x)
+        with torch.inference_mode():
+            final, intermediates = model.forward_intermediates(x)
+            rates = dynroute.routing_paths(model).mean(0)
+            plain_final, plain_intermediates = _plain_stages(model).forward_intermediates(x)
+            masked_final, _ = dynroute.set_execution(copy.deepcopy(model), "masked").forward_intermediates(x)
+        assert ((rates > 0) & (rates < 1)).any(), "some block must route part of the batch"
+        assert len(intermediates) == len(plain_intermediates) == 5  # the stem and four stages
+        for got, expected in zip([final, *intermediates], [plain_final, *plain_intermediates], strict=True):
+            assert torch.equal(got, expected)
+        torch.testing.assert_close(final, masked_final, rtol=1e-5, atol=1e-5)
