@@ -336,8 +336,9 @@ class _Collector:
     record keeps the reason and only its MACs are refused.
     """
 
-    def __init__(self, model: nn.Module, table: MacsTable, stop_on_mismatch: bool = False) -> None:
-        self.model, self.table, self.stop_on_mismatch = model, table, stop_on_mismatch
+    def __init__(self, model: nn.Module, table: MacsTable | None = None, stop_on_mismatch: bool = False) -> None:
+        self.model, self.stop_on_mismatch = model, stop_on_mismatch
+        self.table = macs_table(model) if table is None else table
         self.paths: list[Tensor] = []
         self.run_probs: list[Tensor] = []
         self.logits: list[Tensor] = []
@@ -422,7 +423,7 @@ def collect_routing(
         >>> record = dynroute.collect_routing(model, loader)
         >>> record.distinct_paths, record.macs().fraction
     """
-    collector = _Collector(model, macs_table(model) if table is None else table)
+    collector = _Collector(model, table)
     return _collect(collector, loader, device, augment, encoder, max_batches)
 
 
@@ -434,7 +435,7 @@ def collect_for_macs(
     table: MacsTable | None = None,
 ) -> RoutingRecord:
     """:func:`collect_routing` for a MAC count: the ValueError of a table of another size comes at that batch."""
-    collector = _Collector(model, macs_table(model) if table is None else table, stop_on_mismatch=True)
+    collector = _Collector(model, table, stop_on_mismatch=True)
     return _collect(collector, loader, device, None, None, max_batches)
 
 
