@@ -24,6 +24,7 @@ import timm.models.resnet as timm_resnet
 import torchvision.models.resnet as tv_resnet
 from torch import Tensor, nn
 
+from dynroute.hooks import has_global_forward_hooks, runs_as_stock, torch_forward
 from dynroute.models.cifar_resnet import CifarBasicBlock
 
 __all__ = ["BlockAdapter", "register_block", "get_adapter", "registered_block_types"]
@@ -115,8 +116,16 @@ def _conv1_in_channels(block: nn.Module) -> int:
     return block.conv1.in_channels
 
 
+_IDENTITY_FORWARD = torch_forward(nn.Identity)
+
+
 def _cifar_shortcut(block: CifarBasicBlock, x: Tensor) -> Tensor:
-    return block.shortcut(x)
+    shortcut = block.shortcut
+    # x itself, without the module call of an nn.Identity no hook sees: at batch 1 that call costs more
+    # than the rest of a skipped block's shortcut and activation.
+    if runs_as_stock(shortcut, nn.Identity, _IDENTITY_FORWARD) and not has_global_forward_hooks():
+        return x
+    return shortcut(x)
 
 
 def _final_activation(name: str) -> tuple[Callable[[nn.Module, Tensor], Tensor], Callable[[nn.Module], nn.Module]]:

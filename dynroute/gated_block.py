@@ -161,6 +161,8 @@ class GatedBlock(nn.Module):
         last_input_shape: input shape of the last forward, for MAC accounting.
         last_forward_unobserved: whether the last forward ran without autograd and without a hook
             (global, on this block or inside it) that could hold its tensors.
+        last_forward_relu_output: whether the last forward ran unobserved (above) and its output came
+            out of an ``nn.ReLU`` (:attr:`ends_with_relu`).
 
     Example:
         >>> block = dynroute.models.CifarBasicBlock(16, 16)
@@ -192,6 +194,7 @@ class GatedBlock(nn.Module):
         self.last_logits: Tensor | None = None
         self.last_input_shape: torch.Size | None = None
         self.last_forward_unobserved = False
+        self.last_forward_relu_output = False
 
     def __getstate__(self) -> dict:
         # Copies and pickles leave out the last forward's gates: in training they hold an autograd
@@ -253,7 +256,9 @@ class GatedBlock(nn.Module):
         # Whether this forward's own buffers (branch output, downsampling shortcut) may be written in place.
         scratch = not torch.is_grad_enabled() and not observed(self)
         reuse_input = reuse_input and scratch
-        logits = router(x)
+        relu_output = scratch and self.ends_with_relu  # read once: the stage asks for it after the forward
+        # Unobserved, no hook could fire: the router's forward without nn.Module.__call__ (unless compiled).
+        logits = router.forward(x) if scratch and router._compiled_call_impl is None else router(x)
         shortcut = adapter.shortcut(self.block, x)
         activated = False  # whether out already went through the final activation
         if self.forced_gate is not None:
@@ -268,7 +273,7 @@ class GatedBlock(nn.Module):
         else:
             rows = _routed_rows(logits)
             gate = rows.decisions  # None at batch 1: last_gate derives it from the logits
-            if reuse_input and relu_input and shortcut is x and self.ends_with_relu:
+            if reuse_input and relu_input and shortcut is x and relu_output:
                 out, activated = self._route_into_relu_input(adapter, x, rows), True
             else:
                 out = self._add_routed_residual(adapter, x, shortcut, rows, scratch, reuse_input)
@@ -277,7 +282,11 @@ class GatedBlock(nn.Module):
         # Plain attributes, never parameters or modules: skip nn.Module.__setattr__'s registry checks,
         # which cost about as much as a small kernel launch on this per-block hot path.
         self.__dict__.update(
-            _last_gate=gate, last_logits=logits, last_input_shape=x.shape, last_forward_unobserved=scratch
+            _last_gate=gate,
+            last_logits=logits,
+            last_input_shape=x.shape,
+            last_forward_unobserved=scratch,
+            last_forward_relu_output=relu_output,
         )
         return out if activated else adapter.activation(self.block, out)
 

@@ -4,10 +4,19 @@ Sparse execution writes sums in place and the router skips module dispatch only 
 observe the intermediate tensors: no forward or forward-pre hook, global or on a module involved.
 """
 
-from torch import nn
+from collections.abc import Callable
+
+from torch import Tensor, nn
 from torch.nn.modules import module as nn_module
 
-__all__ = ["has_own_forward_hooks", "has_forward_hooks", "has_global_forward_hooks", "observed"]
+__all__ = [
+    "has_own_forward_hooks",
+    "has_forward_hooks",
+    "has_global_forward_hooks",
+    "observed",
+    "torch_forward",
+    "runs_as_stock",
+]
 
 
 def has_own_forward_hooks(module: nn.Module) -> bool:
@@ -21,9 +30,9 @@ def has_forward_hooks(module: nn.Module) -> bool:
     for submodule in modules:  # a breadth-first walk over a list that grows as it goes
         if submodule is None:
             continue
-        if has_own_forward_hooks(submodule):
+        if submodule._forward_hooks or submodule._forward_pre_hooks:  # has_own_forward_hooks, inlined
             return True
-        modules += submodule._modules.values()
+        modules.extend(submodule._modules.values())
     return False
 
 
@@ -35,3 +44,29 @@ def has_global_forward_hooks() -> bool:
 def observed(module: nn.Module) -> bool:
     """Whether a forward hook, global or on ``module`` or inside it, could hold a tensor of its forward."""
     return has_global_forward_hooks() or has_forward_hooks(module)
+
+
+def torch_forward(layer_type: type[nn.Module]) -> Callable[..., Tensor] | None:
+    """``layer_type.forward`` if it is torch's own (defined in the class's module), None if it was patched."""
+    forward = layer_type.forward
+    defined_by_torch = (
+        forward.__module__ == layer_type.__module__
+        and forward.__qualname__ == f"{layer_type.__name__}.forward"
+        and not hasattr(forward, "__wrapped__")  # functools.wraps copies the two names above
+    )
+    return forward if defined_by_torch else None
+
+
+def runs_as_stock(layer: nn.Module, stock_type: type[nn.Module], stock_forward: Callable[..., Tensor] | None) -> bool:
+    """Whether ``layer`` is exactly ``stock_type``, its forward torch's own (on the class and the object), unhooked.
+
+    ``stock_forward`` is :func:`torch_forward` of ``stock_type``, taken at import. A forward replaced on the
+    object (accelerate's offloading hooks do this) or patched on the class, a subclass (quantized,
+    parametrized) or a hook means the layer must be called as a module.
+    """
+    return (
+        type(layer) is stock_type
+        and stock_type.forward is stock_forward
+        and "forward" not in layer.__dict__
+        and not has_own_forward_hooks(layer)
+    )

@@ -7,14 +7,13 @@ reparameterized Gumbel-softmax (Eq. 7); in eval it is the deterministic argmax (
 """
 
 import math
-from collections.abc import Callable
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dynroute.hooks import has_global_forward_hooks, has_own_forward_hooks
+from dynroute.hooks import has_global_forward_hooks, runs_as_stock, torch_forward
 
 __all__ = ["Router", "relaxed_gate", "hard_gate"]
 
@@ -62,35 +61,10 @@ def hard_gate(logits: Tensor) -> Tensor:
     return hard_decision(logits).float()
 
 
-def _torch_forward(layer_type: type[nn.Module]) -> Callable[..., Tensor] | None:
-    """``layer_type.forward`` if it is torch's own (defined in the class's module), None if it was patched."""
-    forward = layer_type.forward
-    defined_by_torch = (
-        forward.__module__ == layer_type.__module__
-        and forward.__qualname__ == f"{layer_type.__name__}.forward"
-        and not hasattr(forward, "__wrapped__")  # functools.wraps copies the two names above
-    )
-    return forward if defined_by_torch else None
-
-
 # torch's own forwards of the layers the router may run as bare ops. A class patched before this import
-# has no entry; one patched after it fails the identity check in _runs_as_stock.
-_LINEAR_FORWARD = _torch_forward(nn.Linear)
-_RELU_FORWARD = _torch_forward(nn.ReLU)
-
-
-def _runs_as_stock(layer: nn.Module, stock_type: type[nn.Module], stock_forward: Callable[..., Tensor] | None) -> bool:
-    """Whether ``layer`` is exactly ``stock_type``, its forward torch's own (on the class and the object), unhooked.
-
-    A forward replaced on the object (accelerate's offloading hooks do this) or patched on the class,
-    a subclass (quantized, parametrized) or a hook makes the router call the layer as a module.
-    """
-    return (
-        type(layer) is stock_type
-        and stock_type.forward is stock_forward
-        and "forward" not in layer.__dict__
-        and not has_own_forward_hooks(layer)
-    )
+# has no entry; one patched after it fails the identity check in runs_as_stock.
+_LINEAR_FORWARD = torch_forward(nn.Linear)
+_RELU_FORWARD = torch_forward(nn.ReLU)
 
 
 def _linear_tensors(linear: nn.Linear) -> tuple[Tensor, Tensor | None] | None:
@@ -114,9 +88,9 @@ def _bare_layers(router: nn.Module) -> _BareTensors | None:
     modules = router._modules
     fc1, act, fc2 = modules["fc1"], modules["act"], modules["fc2"]
     if not (
-        _runs_as_stock(fc1, nn.Linear, _LINEAR_FORWARD)
-        and _runs_as_stock(act, nn.ReLU, _RELU_FORWARD)
-        and _runs_as_stock(fc2, nn.Linear, _LINEAR_FORWARD)
+        runs_as_stock(fc1, nn.Linear, _LINEAR_FORWARD)
+        and runs_as_stock(act, nn.ReLU, _RELU_FORWARD)
+        and runs_as_stock(fc2, nn.Linear, _LINEAR_FORWARD)
     ):
         return None
     first, second = _linear_tensors(fc1), _linear_tensors(fc2)

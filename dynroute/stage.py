@@ -42,7 +42,7 @@ class GatedSequential(nn.Sequential):
             output = module(x, reuse_input=private, relu_input=relu_output)  # keywords: hooks see (x,) alone
             # The block has just checked for hooks that could see its tensors: one walk, not two.
             private = module.last_forward_unobserved and (private or output is not x)
-            relu_output = module.ends_with_relu
+            relu_output = module.last_forward_relu_output
             x = output
         return x
 

@@ -1,3 +1,4 @@
+import contextlib
 import copy
 
 import pytest
@@ -212,6 +213,42 @@ class TestSparseExecution:
         gated.conv1.register_forward_hook(lambda *args: calls.append(1))
         gated(torch.randn(4, 8, 8, 8))
         assert calls == []
+
+    @pytest.mark.parametrize("hook", [None, "on-shortcut", "global"])
+    @pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.enable_grad])
+    def test_identity_shortcut_is_called_only_when_a_hook_sees_it(self, hook, grad_mode, monkeypatch):
+        original = CifarBasicBlock(8, 8).eval()
+        gated = GatedBlock(copy.deepcopy(original)).eval()
+        gated.force_gate("open")
+        x = _inputs(3, (8, 8, 8))
+        expected = original(x)
+        calls, seen = [], []
+        call = nn.Identity.__call__
+        monkeypatch.setattr(nn.Identity, "__call__", lambda self, *args: calls.append(self) or call(self, *args))
+        if hook == "on-shortcut":
+            gated.shortcut.register_forward_hook(lambda module, args, output: seen.append(module))
+        with grad_mode(), contextlib.ExitStack() as stack:
+            if hook == "global":
+                record = nn.modules.module.register_module_forward_hook(lambda module, args, out: seen.append(module))
+                stack.callback(record.remove)
+            out = gated(x)
+        torch.testing.assert_close(out, expected, atol=0, rtol=0)
+        assert calls == ([] if hook is None else [gated.shortcut])
+        assert (gated.shortcut in seen) == (hook is not None)
+
+    def test_a_compiled_router_runs_compiled(self):
+        # Unobserved inference calls the router's forward without nn.Module.__call__, except for a router
+        # compiled with nn.Module.compile, whose compiled call must be the one that runs.
+        x = _inputs(6, (8, 8, 8))
+        gated = _random_router(GatedBlock(CifarBasicBlock(8, 8)), x).eval()
+        gated.router.compile(backend="eager")
+        compiled_call, calls = gated.router._compiled_call_impl, []
+        gated.router._compiled_call_impl = lambda *args: calls.append(1) or compiled_call(*args)
+        with torch.no_grad():
+            gated(x)
+            expected = gated.router.forward(x)
+        assert calls == [1]
+        torch.testing.assert_close(gated.last_logits, expected, atol=0, rtol=0)
 
     def test_skipped_identity_block_leaves_its_input_alone_and_backpropagates(self):
         # torchvision's shared ReLU is in place; a skipped identity block must not write into x.
