@@ -158,19 +158,20 @@ class FixedDecisions:
 
     Set :attr:`logits` (a list from :func:`decision_logits`, one (N, 2) tensor per gated block in
     :func:`dynroute.gated_blocks` order) before a forward; ``None`` lets the routers decide. Each
-    router's ``forward`` is wrapped on the instance rather than hooked: a forward hook sends every
-    router call through ``nn.Module``'s slow hook-dispatch path, a cost deployed models do not pay.
+    router's innermost step, ``Router._mlp`` (pooling and the two layers), is wrapped on the
+    instance, so every check and call around it runs as in a deployed model: a forward hook, or a
+    ``forward`` replaced on the instance, would send each router call down a slower path.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.logits: list[Tensor] | None = None
         self._routers = [block.router for _, block in dynroute.gated_blocks(model)]
         for index, router in enumerate(self._routers):
-            router.forward = self._fixed_forward(router.forward, index)
+            router._mlp = self._fixed_mlp(router._mlp, index)
 
-    def _fixed_forward(self, router_forward: Callable[[Tensor], Tensor], index: int) -> Callable[[Tensor], Tensor]:
-        def forward(x: Tensor) -> Tensor:
-            output = router_forward(x)
+    def _fixed_mlp(self, router_mlp: Callable[..., Tensor], index: int) -> Callable[..., Tensor]:
+        def mlp(*args: object) -> Tensor:
+            output = router_mlp(*args)
             if self.logits is None:
                 return output
             fixed = self.logits[index]
@@ -180,12 +181,12 @@ class FixedDecisions:
                 )
             return fixed
 
-        return forward
+        return mlp
 
     def remove(self) -> None:
-        """Restore the routers' own ``forward``: they decide again."""
+        """Restore the routers' own ``_mlp``: they decide again."""
         for router in self._routers:
-            del router.forward
+            del router._mlp
 
 
 def keep_freed_memory() -> None:

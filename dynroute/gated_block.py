@@ -6,6 +6,7 @@ runs ``F`` only on the samples routed to it: their rows are gathered, run and ad
 skipped block costs nothing but its router and shortcut.
 """
 
+from collections.abc import Callable
 from typing import Literal, NamedTuple
 
 import torch
@@ -13,7 +14,7 @@ from torch import Tensor, nn
 
 from dynroute.adapters import BlockAdapter, get_adapter
 from dynroute.hooks import observed
-from dynroute.router import Router, decides_to_run, hard_decision, hard_gate
+from dynroute.router import Router, decides_to_run, hard_decision, hard_gate, unobserved_logits
 
 __all__ = ["GatedBlock", "ForcedGate", "Execution"]
 
@@ -137,6 +138,19 @@ def _merge_by_runs(x: Tensor, routed: Tensor, residual: Tensor) -> Tensor:
     return x
 
 
+class _Plan(NamedTuple):
+    """What a forward that autograd and hooks cannot see needs of its block, worked out before it runs."""
+
+    adapter: BlockAdapter
+    router_logits: Callable[[Tensor], Tensor]  # x (N, C, H, W) -> logits (N, 2), as the router computes them
+    relu_output: bool  # the block's final activation is an nn.ReLU
+
+
+def _ends_with_relu(adapter: BlockAdapter, block: nn.Module) -> bool:
+    """Whether ``block``'s final activation, as ``adapter`` names it, is an ``nn.ReLU``."""
+    return adapter.final_activation is not None and type(adapter.final_activation(block)) is nn.ReLU
+
+
 class GatedBlock(nn.Module):
     """Wrap ``block`` with a router gating its residual branch.
 
@@ -234,8 +248,17 @@ class GatedBlock(nn.Module):
     @property
     def ends_with_relu(self) -> bool:
         """Whether the block's final activation is an ``nn.ReLU`` (known if its adapter names the module)."""
-        final_activation = self.adapter.final_activation
-        return final_activation is not None and type(final_activation(self.block)) is nn.ReLU
+        return _ends_with_relu(self.adapter, self.block)
+
+    def _unobserved_plan(self) -> _Plan | None:
+        """What a forward run now needs when neither autograd nor a hook (global, or on this block or anything
+        inside it) can see its tensors, or None. :class:`~dynroute.GatedSequential` works it out for all its
+        blocks before the first runs, so that checks stay out of the time between one block's kernels and
+        the next's."""
+        if torch.is_grad_enabled() or observed(self):
+            return None
+        adapter = self.adapter
+        return _Plan(adapter, unobserved_logits(self._modules["router"]), _ends_with_relu(adapter, self.block))
 
     def forward(self, x: Tensor, reuse_input: bool = False, relu_input: bool = False) -> Tensor:
         """(N, C_in, H, W) -> (N, C_out, H', W'), the block's output under this forward's gates.
@@ -251,14 +274,18 @@ class GatedBlock(nn.Module):
                 shortcut and a final ``nn.ReLU`` (:attr:`ends_with_relu`), the rows the block skips
                 are left as they are, since the ReLU would not change them.
         """
+        return self._planned_forward(x, self._unobserved_plan(), reuse_input, relu_input)
+
+    def _planned_forward(self, x: Tensor, plan: _Plan | None, reuse_input: bool, relu_input: bool) -> Tensor:
+        """:meth:`forward` under ``plan``, :meth:`_unobserved_plan` of this forward (or None)."""
         check_image_batch(x, "GatedBlock")
-        adapter, router = self.adapter, self._modules["router"]  # a dict lookup, not nn.Module.__getattr__
+        router = self._modules["router"]  # a dict lookup, not nn.Module.__getattr__
         # Whether this forward's own buffers (branch output, downsampling shortcut) may be written in place.
-        scratch = not torch.is_grad_enabled() and not observed(self)
+        scratch = plan is not None
+        adapter = plan.adapter if scratch else self.adapter
         reuse_input = reuse_input and scratch
-        relu_output = scratch and self.ends_with_relu  # read once: the stage asks for it after the forward
-        # Unobserved, no hook could fire: the router's forward without nn.Module.__call__ (unless compiled).
-        logits = router.forward(x) if scratch and router._compiled_call_impl is None else router(x)
+        relu_output = scratch and plan.relu_output
+        logits = plan.router_logits(x) if scratch else router(x)
         shortcut = adapter.shortcut(self.block, x)
         activated = False  # whether out already went through the final activation
         if self.forced_gate is not None:

@@ -7,6 +7,8 @@ reparameterized Gumbel-softmax (Eq. 7); in eval it is the deterministic argmax (
 """
 
 import math
+from collections.abc import Callable
+from functools import partial
 from typing import Literal
 
 import torch
@@ -168,6 +170,10 @@ class Router(nn.Module):
         else is checked.
         """
         bare = None if torch.is_grad_enabled() or has_global_forward_hooks() else _bare_layers(self)
+        return self._logits(x, bare)
+
+    def _logits(self, x: Tensor, bare: _BareTensors | None) -> Tensor:
+        """Logits (N, 2) of x in the router's dtype, autocast off; ``bare`` as in :meth:`_mlp`."""
         if bare is not None:
             dtype = bare[0].dtype
         else:
@@ -179,6 +185,12 @@ class Router(nn.Module):
             return self._mlp(x, bare)
         with torch.autocast(x.device.type, enabled=False):
             return self._mlp(x, bare)
+
+    def _stock_logits(self, bare: _BareTensors, x: Tensor) -> Tensor:
+        """:meth:`_logits` with stock layers and autocast off: x cast to the layers' dtype, then :meth:`_mlp`."""
+        if x.dtype != bare[0].dtype:
+            x = x.to(bare[0].dtype)
+        return self._mlp(x, bare)
 
     def _mlp(self, x: Tensor, bare: _BareTensors | None) -> Tensor:
         """Logits (N, 2) from x (N, C, H, W); ``bare`` is :func:`_bare_layers`' tensors, or None for the modules."""
@@ -197,3 +209,17 @@ class Router(nn.Module):
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, relaxation={self.relaxation!r}, init_open_prob={self.init_open_prob}"
+
+
+def unobserved_logits(router: nn.Module) -> Callable[[Tensor], Tensor]:
+    """``x -> router(x)`` for forwards that no hook (global, or on the router or inside it) can see and that
+    run without autograd, worked out once for them: a :class:`Router` that runs its own ``forward`` with
+    stock layers and autocast off on its device gets its four ops and nothing else; any other router,
+    the checks of its ``forward``, or its module call."""
+    runs_own_forward = router._compiled_call_impl is None and "forward" not in router.__dict__
+    if not (type(router).forward is Router.forward and runs_own_forward):
+        return router
+    bare = _bare_layers(router)
+    if bare is None or torch.is_autocast_enabled(bare[0].device.type):
+        return partial(router._logits, bare=bare)
+    return partial(router._stock_logits, bare)

@@ -14,7 +14,7 @@ already their own ReLU and need no pass at all. :func:`dynroute.convert_resnet` 
 import torch
 from torch import Tensor, nn
 
-from dynroute.gated_block import GatedBlock
+from dynroute.gated_block import GatedBlock, _Plan
 from dynroute.hooks import has_global_forward_hooks
 
 __all__ = ["GatedSequential"]
@@ -28,6 +28,13 @@ class GatedSequential(nn.Sequential):
     it) could have kept a reference to it; block ``k`` itself declines the offer if a hook could see
     its own tensors. It gets ``relu_input=True`` when block ``k - 1`` ends with an ``nn.ReLU``. The
     stage's own input is never written to. Outputs are those of ``nn.Sequential``.
+
+    Without autograd, the checks each gated block makes before it runs (hooks, autocast, which router
+    ops may run bare, its final activation) are made for all of them before the first runs: between one
+    block's kernels and the next's, each check costs several times what it costs in a tight loop (the
+    caches are cold). So a hook, an autocast region or a router layer set while the stage runs takes
+    effect from its next forward. A gated block whose ``forward`` is set on the object, overridden by a
+    subclass or compiled is called as a module, as is any block a hook could see.
     """
 
     def forward(self, x: Tensor) -> Tensor:
@@ -35,16 +42,34 @@ class GatedSequential(nn.Sequential):
         private = False  # x is a buffer only this loop holds
         relu_output = False  # x came out of an nn.ReLU
         scratch_allowed = not (torch.is_grad_enabled() or has_global_forward_hooks())
-        for module in self:
+        # Each gated block's checks, done for all of them before the first runs (None: called as a module).
+        plans = [_plan(module) if scratch_allowed else None for module in self]
+        for module, plan in zip(self, plans):
             if not (scratch_allowed and isinstance(module, GatedBlock)):
                 x, private, relu_output = module(x), False, False
                 continue
-            output = module(x, reuse_input=private, relu_input=relu_output)  # keywords: hooks see (x,) alone
+            if plan is None:
+                output = module(x, reuse_input=private, relu_input=relu_output)  # keywords: hooks see (x,) alone
+            else:
+                output = module._planned_forward(x, plan, private, relu_output)
             # The block has just checked for hooks that could see its tensors: one walk, not two.
             private = module.last_forward_unobserved and (private or output is not x)
             relu_output = module.last_forward_relu_output
             x = output
         return x
+
+
+# GatedBlock's own forward; a subclass's, or one patched on the class, is called as a module
+_GATED_FORWARD = GatedBlock.forward
+
+
+def _plan(module: nn.Module) -> _Plan | None:
+    """The plan of a gated block that nn.Module.__call__ would just forward to (unhooked, not compiled), else None."""
+    if not isinstance(module, GatedBlock) or type(module).forward is not _GATED_FORWARD:
+        return None
+    if module._compiled_call_impl is not None or "forward" in module.__dict__:
+        return None
+    return module._unobserved_plan()  # None if a hook, on the block or inside it, could see its tensors
 
 
 def adopt_stage(stage: nn.Module) -> None:

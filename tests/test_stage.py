@@ -10,6 +10,7 @@ from torch import nn
 
 import dynroute
 from dynroute import GatedBlock, GatedSequential, gated_block
+from dynroute import stage as stage_module
 from dynroute.models import CifarResNet
 
 
@@ -19,7 +20,7 @@ def _record_flags(monkeypatch, flag: str) -> list[bool]:
     For ``reuse_input``, the value the block acted on: it declines the offer when a hook could see its tensors.
     """
     flags: list[bool] = []
-    forward = GatedBlock.forward
+    forward = GatedBlock._planned_forward  # what both a stage and GatedBlock.forward call
     signature = inspect.signature(forward)
 
     def recording_forward(self, *args, **kwargs):
@@ -30,7 +31,7 @@ def _record_flags(monkeypatch, flag: str) -> list[bool]:
         flags.append(arguments.arguments[flag] and accepted)
         return output
 
-    monkeypatch.setattr(GatedBlock, "forward", recording_forward)
+    monkeypatch.setattr(GatedBlock, "_planned_forward", recording_forward)
     return flags
 
 
@@ -94,6 +95,63 @@ class TestConversion:
         if downsample is not None:  # a Sequential without gated blocks stays what it was
             assert type(downsample) is nn.Sequential
         assert [key for key in model.state_dict() if ".router." not in key] == keys
+
+
+class TestPlans:
+    """A stage works out its blocks' checks before the first runs; what it cannot vouch for is called as a module."""
+
+    def _stage_outputs(self, model, x):
+        with torch.inference_mode():
+            return model(x), _plain_stages(model)(x)
+
+    def test_forwards_set_on_the_object_or_a_subclass_run(self):
+        model, x = routed_model(blocks_per_stage=3), images(8)
+        calls = []
+        second = model.layer1[1]
+        second.forward = lambda *args, **kwargs: calls.append("object") or GatedBlock.forward(second, *args, **kwargs)
+
+        class Subclass(GatedBlock):
+            def forward(self, *args, **kwargs):
+                calls.append("subclass")
+                return super().forward(*args, **kwargs)
+
+        model.layer2[2].__class__ = Subclass
+        out, plain = self._stage_outputs(model, x)
+        assert calls == ["object", "subclass"] * 2  # the stage, then the plain copy (same objects' copies)
+        torch.testing.assert_close(out, plain, rtol=0, atol=1e-6)
+
+    def test_a_compiled_block_runs_compiled(self):
+        model, x = routed_model(blocks_per_stage=3), images(8)
+        block = model.layer1[1]
+        block.compile(backend="eager")
+        compiled_call, calls = block._compiled_call_impl, []
+        block._compiled_call_impl = lambda *args, **kwargs: calls.append(1) or compiled_call(*args, **kwargs)
+        with torch.inference_mode():
+            out = model(x)
+        assert calls == [1]
+        torch.testing.assert_close(out, _plain_stages(model)(x), rtol=0, atol=1e-6)
+
+    def test_plans_are_worked_out_only_where_nothing_could_see_the_tensors(self):
+        model = routed_model(blocks_per_stage=2)
+        first, second = model.layer1
+        with torch.inference_mode():
+            assert stage_module._plan(first) is not None and stage_module._plan(second) is not None
+            second.router.fc2.register_forward_hook(lambda *args: None)
+            assert stage_module._plan(first) is not None and stage_module._plan(second) is None
+            assert stage_module._plan(model.layer1) is None  # not a gated block
+        assert first._unobserved_plan() is None  # autograd on
+
+    def test_plan_holds_the_routers_logits_and_the_final_relu(self):
+        block = routed_model(blocks_per_stage=2).layer1[0]
+        x = torch.randn(4, block.router.fc1.in_features, 8, 8)
+        with torch.inference_mode():
+            plan = block._unobserved_plan()
+            torch.testing.assert_close(plan.router_logits(x), block.router(x), rtol=0, atol=0)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                autocast_plan = block._unobserved_plan()
+                torch.testing.assert_close(autocast_plan.router_logits(x), block.router(x), rtol=0, atol=0)
+                assert autocast_plan.router_logits(x.bfloat16()).dtype == torch.float32
+        assert plan.relu_output == block.ends_with_relu is True
 
 
 class TestScratchBuffers:
