@@ -6,7 +6,8 @@ over all gated blocks of the network, so the stem and head are left out:
 
 - dense: the original blocks;
 - sparse: the converted blocks, skipped rows really skipped (router, gather, branch, merge, activation);
-- router: the routers alone;
+- router: the routers alone, their ops as a stage runs them (the checks a stage makes before its
+  first block runs are left out);
 - gather: ``index_select`` of the routed rows;
 - branch all / branch routed: the residual branch on every row / on the pre-gathered routed rows;
 - rows: the fraction of rows routed through a block (the execution rate);
@@ -79,7 +80,7 @@ def breakdown(spec: ModelSpec, batch: int, rate: float, options: TimingOptions, 
                 residual = block.adapter.residual
                 calls["dense"].append(partial(dense_blocks[name], x))
                 calls["sparse"].append(partial(block, x))
-                calls["router"].append(partial(block.router, x))
+                calls["router"].append(partial(block._unobserved_plan().router_logits, x))  # as a stage runs it
                 calls["branch all"].append(partial(residual, block.block, x))
                 if 0 < len(routed_rows) < len(x):  # as sparse execution: no gather when all or none run
                     calls["gather"].append(partial(x.index_select, 0, routed_rows))

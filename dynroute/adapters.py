@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import timm.models.resnet as timm_resnet
+import torch
 import torchvision.models.resnet as tv_resnet
 from torch import Tensor, nn
 
@@ -121,9 +122,11 @@ _IDENTITY_FORWARD = torch_forward(nn.Identity)
 
 def _cifar_shortcut(block: CifarBasicBlock, x: Tensor) -> Tensor:
     shortcut = block.shortcut
-    # x itself, without the module call of an nn.Identity no hook sees: at batch 1 that call costs more
-    # than the rest of a skipped block's shortcut and activation.
-    if runs_as_stock(shortcut, nn.Identity, _IDENTITY_FORWARD) and not has_global_forward_hooks():
+    # Without autograd, x itself, without the module call of an nn.Identity no forward hook sees: at batch 1
+    # that call costs more than the rest of a skipped block's shortcut and activation. (With autograd, a
+    # backward hook could be waiting for the call.)
+    unseen = not (torch.is_grad_enabled() or has_global_forward_hooks())
+    if unseen and runs_as_stock(shortcut, nn.Identity, _IDENTITY_FORWARD):
         return x
     return shortcut(x)
 

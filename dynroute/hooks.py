@@ -6,6 +6,7 @@ observe the intermediate tensors: no forward or forward-pre hook, global or on a
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as nn_module
 
@@ -16,6 +17,7 @@ __all__ = [
     "observed",
     "torch_forward",
     "runs_as_stock",
+    "runs_own_forward",
 ]
 
 
@@ -69,4 +71,20 @@ def runs_as_stock(layer: nn.Module, stock_type: type[nn.Module], stock_forward: 
         and stock_type.forward is stock_forward
         and "forward" not in layer.__dict__
         and not has_own_forward_hooks(layer)
+    )
+
+
+def runs_own_forward(module: nn.Module, own_forward: Callable[..., Tensor]) -> bool:
+    """Whether all that calling ``module`` (unhooked) does is run ``own_forward``, its class's forward taken at import.
+
+    Not so for a forward overridden by a subclass or patched on the class since, one set on the object, or a
+    module compiled with ``nn.Module.compile``; nor while ``torch.compile``, ``torch.export`` or
+    ``torch.jit.trace`` traces, whose graphs name each module called as one.
+    """
+    return (
+        type(module).forward is own_forward
+        and "forward" not in module.__dict__
+        and module._compiled_call_impl is None
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
     )

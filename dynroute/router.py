@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dynroute.hooks import has_global_forward_hooks, runs_as_stock, torch_forward
+from dynroute.hooks import has_global_forward_hooks, runs_as_stock, runs_own_forward, torch_forward
 
 __all__ = ["Router", "relaxed_gate", "hard_gate"]
 
@@ -186,7 +186,7 @@ class Router(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             return self._mlp(x, bare)
 
-    def _stock_logits(self, bare: _BareTensors, x: Tensor) -> Tensor:
+    def _stock_logits(self, x: Tensor, bare: _BareTensors) -> Tensor:
         """:meth:`_logits` with stock layers and autocast off: x cast to the layers' dtype, then :meth:`_mlp`."""
         if x.dtype != bare[0].dtype:
             x = x.to(bare[0].dtype)
@@ -211,15 +211,22 @@ class Router(nn.Module):
         return f"temperature={self.temperature}, relaxation={self.relaxation!r}, init_open_prob={self.init_open_prob}"
 
 
+# Router's own forward; one patched on the class later, or a subclass's, is called as is.
+_ROUTER_FORWARD = Router.forward
+
+
 def unobserved_logits(router: nn.Module) -> Callable[[Tensor], Tensor]:
-    """``x -> router(x)`` for forwards that no hook (global, or on the router or inside it) can see and that
-    run without autograd, worked out once for them: a :class:`Router` that runs its own ``forward`` with
-    stock layers and autocast off on its device gets its four ops and nothing else; any other router,
-    the checks of its ``forward``, or its module call."""
-    runs_own_forward = router._compiled_call_impl is None and "forward" not in router.__dict__
-    if not (type(router).forward is Router.forward and runs_own_forward):
+    """``x -> router(x)``, worked out for forwards that run without autograd and that no forward hook (global,
+    or on the router or inside it) can see.
+
+    A :class:`Router` that runs its own ``forward``, with stock layers and autocast off on its device, gets its
+    four ops and nothing around them. Otherwise: with stock layers, the ops with the dtype and autocast handling
+    of ``forward``; with other layers, the layers called as modules; for a router that is not called as is
+    (see :func:`~dynroute.hooks.runs_own_forward`), the module call itself.
+    """
+    if not runs_own_forward(router, _ROUTER_FORWARD):
         return router
     bare = _bare_layers(router)
     if bare is None or torch.is_autocast_enabled(bare[0].device.type):
         return partial(router._logits, bare=bare)
-    return partial(router._stock_logits, bare)
+    return partial(router._stock_logits, bare=bare)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from dynroute.gated_block import GatedBlock, _Plan
-from dynroute.hooks import has_global_forward_hooks
+from dynroute.hooks import has_global_forward_hooks, runs_own_forward
 
 __all__ = ["GatedSequential"]
 
@@ -52,22 +52,20 @@ class GatedSequential(nn.Sequential):
                 output = module(x, reuse_input=private, relu_input=relu_output)  # keywords: hooks see (x,) alone
             else:
                 output = module._planned_forward(x, plan, private, relu_output)
-            # The block has just checked for hooks that could see its tensors: one walk, not two.
+            # Whether a hook could see the block's tensors was checked once for its plan (or by its forward).
             private = module.last_forward_unobserved and (private or output is not x)
             relu_output = module.last_forward_relu_output
             x = output
         return x
 
 
-# GatedBlock's own forward; a subclass's, or one patched on the class, is called as a module
+# GatedBlock's own forward; one patched on the class later, or a subclass's, is called as a module
 _GATED_FORWARD = GatedBlock.forward
 
 
 def _plan(module: nn.Module) -> _Plan | None:
-    """The plan of a gated block that nn.Module.__call__ would just forward to (unhooked, not compiled), else None."""
-    if not isinstance(module, GatedBlock) or type(module).forward is not _GATED_FORWARD:
-        return None
-    if module._compiled_call_impl is not None or "forward" in module.__dict__:
+    """The plan of a gated block that is called as is (see runs_own_forward) and that no hook could see, else None."""
+    if not (isinstance(module, GatedBlock) and runs_own_forward(module, _GATED_FORWARD)):
         return None
     return module._unobserved_plan()  # None if a hook, on the block or inside it, could see its tensors
 

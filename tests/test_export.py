@@ -38,6 +38,22 @@ class TestTorchExport:
         assert all(block.execution == "sparse" for _, block in dynroute.gated_blocks(model))
         assert not model.training
 
+    @pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.enable_grad])
+    def test_router_ops_keep_their_module_names(self, model, reference, grad_mode):
+        # Without autograd, eager stages call blocks and routers without nn.Module.__call__; an exported
+        # graph must still name them (quantizers and unflatten select modules by these names).
+        with grad_mode():
+            program = dynroute.export_program(model, reference[0][:2])
+        stacks = [node.meta.get("nn_module_stack", {}) for node in program.graph.nodes]
+        router_ops = [
+            node
+            for node, stack in zip(program.graph.nodes, stacks)
+            if any(path.endswith(".router") for path, _ in stack.values())
+        ]
+        names = {path for stack in stacks for path, _ in stack.values()}
+        assert len(router_ops) >= 4 * len(list(dynroute.gated_blocks(model)))
+        assert {name for name, _ in dynroute.gated_blocks(model)} <= names
+
     def test_logits_only_and_fixed_batch(self, model, reference):
         x, logits, _ = reference
         program = dynroute.export_program(model, x, dynamic_batch=False)
