@@ -77,9 +77,9 @@ def runs_as_stock(layer: nn.Module, stock_type: type[nn.Module], stock_forward: 
 def runs_own_forward(module: nn.Module, own_forward: Callable[..., Tensor]) -> bool:
     """Whether all that calling ``module`` (unhooked) does is run ``own_forward``, its class's forward taken at import.
 
-    Not so for a forward overridden by a subclass or patched on the class since, one set on the object, or a
-    module compiled with ``nn.Module.compile``; nor while ``torch.compile``, ``torch.export`` or
-    ``torch.jit.trace`` traces, whose graphs name each module called as one.
+    Not so when a subclass overrides that forward or it was patched on the class after import, when a forward
+    is set on the object, when the module was compiled with ``nn.Module.compile``, or while ``torch.compile``,
+    ``torch.export`` or ``torch.jit.trace`` traces (their graphs name each module they see called).
     """
     return (
         type(module).forward is own_forward

@@ -34,7 +34,8 @@ class GatedSequential(nn.Sequential):
     block's kernels and the next's, each check costs several times what it costs in a tight loop (the
     caches are cold). So a hook, an autocast region or a router layer set while the stage runs takes
     effect from its next forward. A gated block whose ``forward`` is set on the object, overridden by a
-    subclass or compiled is called as a module, as is any block a hook could see.
+    subclass, patched on the class or compiled is called as a module, as is any block a hook could see,
+    and every block while ``torch.compile``, ``torch.export`` or ``torch.jit.trace`` traces.
     """
 
     def forward(self, x: Tensor) -> Tensor:
