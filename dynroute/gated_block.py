@@ -175,8 +175,6 @@ class GatedBlock(nn.Module):
         last_input_shape: input shape of the last forward, for MAC accounting.
         last_forward_unobserved: whether the last forward ran without autograd and without a hook
             (global, on this block or inside it) that could hold its tensors.
-        last_forward_relu_output: whether the last forward ran unobserved (above) and its output came
-            out of an ``nn.ReLU`` (:attr:`ends_with_relu`).
 
     Example:
         >>> block = dynroute.models.CifarBasicBlock(16, 16)
@@ -208,7 +206,6 @@ class GatedBlock(nn.Module):
         self.last_logits: Tensor | None = None
         self.last_input_shape: torch.Size | None = None
         self.last_forward_unobserved = False
-        self.last_forward_relu_output = False
 
     def __getstate__(self) -> dict:
         # Copies and pickles leave out the last forward's gates: in training they hold an autograd
@@ -309,11 +306,7 @@ class GatedBlock(nn.Module):
         # Plain attributes, never parameters or modules: skip nn.Module.__setattr__'s registry checks,
         # which cost about as much as a small kernel launch on this per-block hot path.
         self.__dict__.update(
-            _last_gate=gate,
-            last_logits=logits,
-            last_input_shape=x.shape,
-            last_forward_unobserved=scratch,
-            last_forward_relu_output=relu_output,
+            _last_gate=gate, last_logits=logits, last_input_shape=x.shape, last_forward_unobserved=scratch
         )
         return out if activated else adapter.activation(self.block, out)
 

@@ -32,9 +32,9 @@ def has_forward_hooks(module: nn.Module) -> bool:
     for submodule in modules:  # a breadth-first walk over a list that grows as it goes
         if submodule is None:
             continue
-        if submodule._forward_hooks or submodule._forward_pre_hooks:  # has_own_forward_hooks, inlined
+        if has_own_forward_hooks(submodule):
             return True
-        modules.extend(submodule._modules.values())
+        modules += submodule._modules.values()
     return False
 
 

@@ -55,7 +55,7 @@ class GatedSequential(nn.Sequential):
                 output = module._planned_forward(x, plan, private, relu_output)
             # Whether a hook could see the block's tensors was checked once for its plan (or by its forward).
             private = module.last_forward_unobserved and (private or output is not x)
-            relu_output = module.last_forward_relu_output
+            relu_output = plan.relu_output if plan is not None else module.ends_with_relu
             x = output
         return x
 
