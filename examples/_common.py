@@ -526,8 +526,9 @@ def final_report(model: nn.Module, test_loader: DataLoader, args: argparse.Names
     report: dict = {}
     if env.is_main:
         report = evaluate(model, test_loader, args.max_eval_batches)
+        report["split"] = "validation" if getattr(args, "val_per_class", 0) else "test"
         print(
-            f"test top-1 {report['top1']:.2f}% on {report['images']} images | average MACs "
+            f"{report['split']} top-1 {report['top1']:.2f}% on {report['images']} images | average MACs "
             f"{report['macs'] / 1e6:.1f} M = {100 * report['macs_fraction']:.1f}% of dense "
             f"({report['dense_macs'] / 1e6:.1f} M) | distinct paths {report['distinct_paths']} | "
             f"eval {report['seconds']:.1f} s"

@@ -10,6 +10,7 @@ The original CoDiNet stage-1 command line is accepted as is; its separate stage-
 """
 
 import argparse
+import copy
 import os
 import sys
 from collections.abc import Callable
@@ -60,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--shortcut", default="A", choices=("A", "B"), help="shortcut option of the CIFAR ResNet")
     add("--train-subset", type=int, default=None, help="train on a fixed random subset of this many images")
     add("--test-subset", type=int, default=None, help="evaluate on the first this many test images")
+    add(
+        "--val-per-class",
+        type=int,
+        default=0,
+        help="hold out the last N training images of each class as a validation split: the run trains on the "
+        "rest and reports on the validation images instead of the test set (choose recipes on it, then score the "
+        "chosen model on the test set once, e.g. with python -m dynroute eval)",
+    )
     add_training_arguments(parser)
     return parser
 
@@ -100,12 +109,34 @@ def build_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset, int, Cal
         train_set = factory(root, train=True, transform=views, download=args.download)
         test_set = factory(root, train=False, transform=test_tf, download=args.download)
         classes = 10 if dataset == "cifar10" else 100
+    if args.val_per_class:
+        train_set, test_set = validation_split(train_set, args.val_per_class, test_tf)
     if args.train_subset:
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed))
         train_set = Subset(train_set, order[: args.train_subset].tolist())
     if args.test_subset:
         test_set = Subset(test_set, range(min(args.test_subset, len(test_set))))
     return train_set, test_set, classes, test_tf
+
+
+def validation_split(train_set: Dataset, per_class: int, transform: Callable) -> tuple[Subset, Subset]:
+    """(training images, validation images): the last ``per_class`` images of each class, in dataset order, held out.
+
+    For CIFAR-10's ImageFolder layout (``NNNN.jpg`` files, 5,000 a class) ``per_class=500`` holds out files
+    4500-4999 of each class. The validation images get ``transform`` (the evaluation one), not the views.
+    """
+    targets = torch.as_tensor(train_set.targets)
+    held_out: list[int] = []
+    for label in targets.unique().tolist():
+        indices = (targets == label).nonzero().squeeze(1).tolist()
+        if per_class >= len(indices):
+            raise ValueError(f"--val-per-class {per_class} holds out every image of class {label} ({len(indices)})")
+        held_out += indices[-per_class:]
+    held = set(held_out)
+    clean = copy.copy(train_set)  # shares the file list; only the transform differs
+    clean.transform = transform
+    kept = [index for index in range(len(targets)) if index not in held]
+    return Subset(train_set, kept), Subset(clean, sorted(held_out))
 
 
 def build_dense(args: argparse.Namespace, num_classes: int, checkpoint: str | None) -> torch.nn.Module:
