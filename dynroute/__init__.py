@@ -1,24 +1,10 @@
 """dynroute: CoDiNet dynamic routing (Wang et al., TPAMI 2021) for the ResNets you already train."""
 
-from dynroute import models, plots
+from dynroute import models
 from dynroute._version import __version__
-from dynroute.accounting import count_distinct_paths, forward_macs, hard_paths, macs_fraction, sample_macs
-from dynroute.adapters import BlockAdapter, get_adapter, register_block, registered_block_types
-from dynroute.checkpoint import load_dense_state_dict
-from dynroute.convert import convert_resnet
-from dynroute.export import WithPaths, export_program
-from dynroute.flops import MacsTable, build_macs_table, macs_table
-from dynroute.gated_block import GatedBlock
-from dynroute.losses import (
-    ConsistencyLoss,
-    CostLoss,
-    DiversityLoss,
-    consistency_loss,
-    cost_loss,
-    diversity_loss,
-    path_costs,
-)
-from dynroute.metrics import (
+from dynroute.analysis import plots
+from dynroute.analysis.accounting import count_distinct_paths, forward_macs, hard_paths, macs_fraction, sample_macs
+from dynroute.analysis.metrics import (
     AugmentationAgreement,
     MacsDistribution,
     RoutingRecord,
@@ -31,10 +17,23 @@ from dynroute.metrics import (
     prediction_kl,
     similarity_correlation,
 )
-from dynroute.router import Router, hard_gate, relaxed_gate
-from dynroute.routing import force_gates, gated_blocks, routing_logits, routing_paths, set_execution
-from dynroute.stage import GatedSequential
-from dynroute.summary import RoutingSummary, summary
+from dynroute.analysis.summary import RoutingSummary, summary
+from dynroute.conversion import adapters as _adapters  # noqa: F401  (registers the supported block families)
+from dynroute.conversion.convert import convert_resnet
+from dynroute.conversion.flops import MacsTable, build_macs_table, macs_table
+from dynroute.conversion.registry import BlockAdapter, get_adapter, register_block, registered_block_types
+from dynroute.export.program import WithPaths, export_program
+from dynroute.layers.gated_block import GatedBlock
+from dynroute.layers.router import Router, hard_gate, relaxed_gate
+from dynroute.layers.routing import force_gates, gated_blocks, routing_logits, routing_paths, set_execution
+from dynroute.layers.stage import GatedSequential
+from dynroute.losses.budget import BudgetLoss
+from dynroute.losses.cost import CostLoss, cost_loss, path_costs
+from dynroute.losses.objective import CoDiNetLoss
+from dynroute.losses.path import ConsistencyLoss, DiversityLoss, consistency_loss, diversity_loss
+from dynroute.training.checkpoint import load_checkpoint, load_dense_state_dict, save_checkpoint
+from dynroute.training.data import MultiViewTransform, eval_transform, multiview_collate, train_transform
+from dynroute.training.stages import block_parameters, get_stage, router_parameters, set_stage
 
 __all__ = [
     "__version__",
@@ -66,6 +65,8 @@ __all__ = [
     "diversity_loss",
     "cost_loss",
     "path_costs",
+    "BudgetLoss",
+    "CoDiNetLoss",
     # MACs
     "MacsTable",
     "build_macs_table",
@@ -75,8 +76,19 @@ __all__ = [
     "hard_paths",
     "count_distinct_paths",
     "forward_macs",
-    # checkpoints and deployment
+    # training
+    "MultiViewTransform",
+    "multiview_collate",
+    "train_transform",
+    "eval_transform",
+    "set_stage",
+    "get_stage",
+    "router_parameters",
+    "block_parameters",
+    "save_checkpoint",
+    "load_checkpoint",
     "load_dense_state_dict",
+    # deployment
     "WithPaths",
     "export_program",
     # analytics
@@ -93,31 +105,4 @@ __all__ = [
     "augmentation_agreement",
     "RoutingSummary",
     "summary",
-]
-from dynroute.budget import BudgetLoss
-from dynroute.data import MultiViewTransform, eval_transform, multiview_collate, train_transform
-from dynroute.objective import CoDiNetLoss
-from dynroute.training import (
-    block_parameters,
-    get_stage,
-    load_checkpoint,
-    router_parameters,
-    save_checkpoint,
-    set_stage,
-)
-
-__all__ += [
-    # training
-    "MultiViewTransform",
-    "multiview_collate",
-    "train_transform",
-    "eval_transform",
-    "set_stage",
-    "get_stage",
-    "router_parameters",
-    "block_parameters",
-    "save_checkpoint",
-    "load_checkpoint",
-    "BudgetLoss",
-    "CoDiNetLoss",
 ]

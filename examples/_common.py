@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
 import dynroute
-from dynroute.flops import count_macs
+from dynroute.conversion.flops import count_macs
 
 # Per-epoch means written to the CSV log; a term a stage does not compute is NaN.
 LOGGED_TERMS = ("ce", "consistency", "diversity", "gamma", "cost", "train_macs", "distill")

@@ -21,7 +21,7 @@ from torchvision import datasets
 from torchvision import transforms as T
 
 import dynroute
-from dynroute.data import MultiViewTransform, eval_transform, train_transform
+from dynroute.training.data import MultiViewTransform, eval_transform, train_transform
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402

@@ -73,7 +73,7 @@ def build_transforms(model: torch.nn.Module, image_size: int) -> tuple[T.Compose
     """Random-resized-crop + flip for training, resize + centre crop for evaluation, timm's normalisation."""
     config = model.pretrained_cfg
     normalize = T.Normalize(
-        config.get("mean", dynroute.data.IMAGENET_MEAN), config.get("std", dynroute.data.IMAGENET_STD)
+        config.get("mean", dynroute.training.data.IMAGENET_MEAN), config.get("std", dynroute.training.data.IMAGENET_STD)
     )
     train_tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
     eval_tf = T.Compose([T.Resize(round(image_size / 0.875)), T.CenterCrop(image_size), T.ToTensor(), normalize])

@@ -7,7 +7,14 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 import dynroute
-from dynroute.data import MultiViewTransform, eval_transform, multiview_collate, train_transform
+from dynroute.training.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MultiViewTransform,
+    eval_transform,
+    multiview_collate,
+    train_transform,
+)
 
 
 def _image(seed: int, size: int = 32) -> Image.Image:
@@ -121,9 +128,7 @@ class TestDefaultTransforms:
     def test_normalisation(self) -> None:
         image = Image.new("RGB", (32, 32), (124, 116, 104))
         out = eval_transform()(image)
-        expected = (torch.tensor([124, 116, 104]) / 255 - torch.tensor(dynroute.data.IMAGENET_MEAN)) / torch.tensor(
-            dynroute.data.IMAGENET_STD
-        )
+        expected = (torch.tensor([124, 116, 104]) / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
         assert torch.allclose(out[:, 0, 0], expected, atol=1e-6)
 
     def test_eval_resize(self) -> None:

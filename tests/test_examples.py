@@ -16,7 +16,7 @@ from torchvision import datasets
 from torchvision import transforms as torchvision_transforms
 
 import dynroute
-from dynroute.flops import count_macs
+from dynroute.conversion.flops import count_macs
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))

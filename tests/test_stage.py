@@ -9,8 +9,9 @@ from routed_models import centre_routers, images, routed_model
 from torch import nn
 
 import dynroute
-from dynroute import GatedBlock, GatedSequential, gated_block
-from dynroute import stage as stage_module
+from dynroute import GatedBlock, GatedSequential
+from dynroute.layers import gated_block
+from dynroute.layers import stage as stage_module
 from dynroute.models import CifarResNet
 
 

@@ -22,7 +22,7 @@ from torchvision.transforms import v2
 
 import dynroute
 from dynroute import plots
-from dynroute.data import eval_transform, train_transform
+from dynroute.training.data import eval_transform, train_transform
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 AUGMENT = v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()])  # on test tensors, for agreement

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dynroute.metrics import MacsDistribution, execution_rate_by_class
+from dynroute.analysis.metrics import MacsDistribution, execution_rate_by_class
 
 __all__ = [
     "path_embedding",

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torchvision import transforms as T
 
-from dynroute.losses import check_num_views
+from dynroute._validation import check_num_views
 
 __all__ = [
     "IMAGENET_MEAN",

@@ -3,8 +3,8 @@
 import torch
 from torch import Tensor, nn
 
-from dynroute.flops import MacsTable, macs_table
-from dynroute.routing import gated_blocks, routing_paths
+from dynroute.conversion.flops import MacsTable, macs_table
+from dynroute.layers.routing import gated_blocks, routing_paths
 
 __all__ = ["hard_paths", "sample_macs", "macs_fraction", "count_distinct_paths", "forward_macs"]
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dynroute.flops import MacsTable, macs_table
-from dynroute.metrics import RoutingRecord, collect_for_macs
+from dynroute.analysis.metrics import RoutingRecord, collect_for_macs
+from dynroute.conversion.flops import MacsTable, macs_table
 
 __all__ = ["RoutingSummary", "summary"]
 

@@ -1,17 +1,15 @@
-"""Two-stage CoDiNet training: stage switch, parameter groups and routed checkpoints.
+"""Two-stage CoDiNet training: stage switch and parameter groups.
 
 Stage 1 trains blocks and routers jointly with relaxed (Gumbel-softmax) gates. Stage 2 freezes
 the routers and trains the blocks under the hard decisions the network takes at test time,
 closing the gap between relaxed training and hard inference (CoDiNet Sec. 3.4).
 """
 
-import os
-from typing import Any, Literal
+from typing import Literal
 
-import torch
 from torch import nn
 
-from dynroute.routing import gated_blocks, require_gated_blocks, unwrap_model
+from dynroute.layers.routing import gated_blocks, require_gated_blocks
 
 __all__ = [
     "Stage",
@@ -19,8 +17,6 @@ __all__ = [
     "get_stage",
     "router_parameters",
     "block_parameters",
-    "save_checkpoint",
-    "load_checkpoint",
 ]
 
 Stage = Literal[1, 2]
@@ -65,34 +61,3 @@ def block_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Every parameter that is not a router's: the backbone, blocks and head."""
     routers = {id(param) for param in router_parameters(model)}
     return [param for param in model.parameters() if id(param) not in routers]
-
-
-def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra: Any) -> None:
-    """Save a model's ``state_dict`` and stage, plus ``extra`` entries (optimizer state, epoch...).
-
-    DDP and torch.compile wrappers are unwrapped, so the keys are the model's own. A model without gated blocks (a
-    dense baseline) is saved with stage None.
-    """
-    model = unwrap_model(model)
-    stage = get_stage(model) if any(True for _ in gated_blocks(model)) else None
-    torch.save({"model": model.state_dict(), "stage": stage, **extra}, path)
-
-
-def load_checkpoint(path: str | os.PathLike, model: nn.Module, strict: bool = True) -> dict[str, Any]:
-    """Load a checkpoint of :func:`save_checkpoint` into ``model`` and restore its stage.
-
-    Returns:
-        The ``extra`` entries that were saved with it.
-    """
-    model = unwrap_model(model)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
-        raise ValueError(
-            f"{os.fspath(path)!r} is not a dynroute checkpoint (no 'model' entry); for a pretrained dense "
-            "checkpoint use model.load_state_dict or dynroute.models.load_cifar_checkpoint"
-        )
-    model.load_state_dict(checkpoint.pop("model"), strict=strict)
-    stage = checkpoint.pop("stage", None)
-    if stage is not None:
-        set_stage(model, stage)
-    return checkpoint

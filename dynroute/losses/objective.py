@@ -7,10 +7,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dynroute.budget import BudgetLoss
-from dynroute.flops import MacsTable
-from dynroute.losses import ConsistencyLoss, CostLoss, DiversityLoss
-from dynroute.training import get_stage
+from dynroute.conversion.flops import MacsTable
+from dynroute.losses.budget import BudgetLoss
+from dynroute.losses.cost import CostLoss
+from dynroute.losses.path import ConsistencyLoss, DiversityLoss
+from dynroute.training.stages import get_stage
 
 __all__ = ["CoDiNetLoss"]
 

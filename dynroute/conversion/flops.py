@@ -6,9 +6,8 @@ user's model: fvcore traces a deep copy with every gate forced open, then closed
 """
 
 import copy
-import operator
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +18,8 @@ with warnings.catch_warnings():  # fvcore scripts helpers with torch.jit, which 
     from fvcore.nn import FlopCountAnalysis
     from fvcore.nn.jit_handles import elementwise_flop_counter
 
-from dynroute.routing import force_gates, gated_blocks, unwrap_model
+from dynroute._validation import check_input_size
+from dynroute.layers.routing import force_gates, gated_blocks, unwrap_model
 
 __all__ = ["MacsTable", "build_macs_table", "macs_table"]
 
@@ -112,29 +112,6 @@ def count_macs(
         warnings.simplefilter("ignore", FutureWarning)
         analysis.total()  # runs and caches the trace
     return analysis
-
-
-def _positive_int(size: object) -> int | None:
-    """``size`` as an int if it is a positive integer of any kind (numpy, 0-d tensor) but a bool, else None."""
-    if isinstance(size, bool):
-        return None
-    try:
-        value = operator.index(size)
-    except TypeError:
-        return None
-    return value if value > 0 else None
-
-
-def check_input_size(input_size: object) -> tuple[int, int, int]:
-    """``input_size`` as a tuple of ints; a ValueError naming the fix unless it is (C, H, W) of three positive ints."""
-    items = list(input_size) if isinstance(input_size, Iterable) and not isinstance(input_size, str) else []
-    sizes = tuple(_positive_int(size) for size in items)
-    if len(sizes) != 3 or None in sizes:
-        raise ValueError(
-            f"input_size must be (C, H, W) of positive ints, but got {input_size!r}; give the channels, height "
-            "and width of one image, channels first, e.g. input_size=(3, 32, 32)"
-        )
-    return sizes
 
 
 def first_conv_channels(model: nn.Module) -> int | None:

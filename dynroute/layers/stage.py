@@ -14,8 +14,8 @@ already their own ReLU and need no pass at all. :func:`dynroute.convert_resnet` 
 import torch
 from torch import Tensor, nn
 
-from dynroute.gated_block import GatedBlock, _Plan
-from dynroute.hooks import has_global_forward_hooks, runs_own_forward
+from dynroute.layers.gated_block import GatedBlock, _Plan
+from dynroute.layers.hooks import has_global_forward_hooks, runs_own_forward
 
 __all__ = ["GatedSequential"]
 

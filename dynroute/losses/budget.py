@@ -35,12 +35,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from dynroute.accounting import hard_paths
-from dynroute.flops import MacsTable, check_table
-from dynroute.losses import check_target, path_costs
-from dynroute.metrics import collect_for_macs
-from dynroute.router import hard_gate
-from dynroute.routing import gated_blocks, routing_paths
+from dynroute._validation import check_target
+from dynroute.analysis.accounting import hard_paths
+from dynroute.analysis.metrics import collect_for_macs
+from dynroute.conversion.flops import MacsTable, check_table
+from dynroute.layers.router import hard_gate
+from dynroute.layers.routing import gated_blocks, routing_paths
+from dynroute.losses.cost import path_costs
 
 __all__ = ["BudgetLoss"]
 

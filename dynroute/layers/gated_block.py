@@ -12,9 +12,10 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from dynroute.adapters import BlockAdapter, get_adapter
-from dynroute.hooks import observed
-from dynroute.router import Router, decides_to_run, hard_decision, hard_gate, unobserved_logits
+from dynroute._validation import check_image_batch
+from dynroute.conversion.registry import BlockAdapter, get_adapter
+from dynroute.layers.hooks import observed
+from dynroute.layers.router import Router, decides_to_run, hard_decision, hard_gate, unobserved_logits
 
 __all__ = ["GatedBlock", "ForcedGate", "Execution"]
 
@@ -22,20 +23,6 @@ ForcedGate = Literal["open", "closed"]
 _FORCED_GATES = ("open", "closed")
 Execution = Literal["sparse", "masked"]
 _EXECUTIONS = ("sparse", "masked")
-
-
-def check_image_batch(x: Tensor, receiver: str) -> None:
-    """Raise a ValueError naming the fix unless x is a non-empty (N, C, H, W) batch."""
-    if x.dim() != 4:
-        raise ValueError(
-            f"{receiver} expects a batched 4D input (N, C, H, W), but got shape {tuple(x.shape)}; "
-            "add a batch dimension with x.unsqueeze(0)"
-        )
-    if x.shape[0] == 0:
-        raise ValueError(
-            f"{receiver} got an empty batch of shape {tuple(x.shape)}; skip empty batches before the model "
-            "(a DataLoader with drop_last=True never yields one)"
-        )
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dynroute.accounting import count_distinct_paths, hard_paths, sample_macs, table_mismatch
-from dynroute.flops import MacsTable, macs_table
-from dynroute.routing import routing_logits, routing_paths
+from dynroute.analysis.accounting import count_distinct_paths, hard_paths, sample_macs, table_mismatch
+from dynroute.conversion.flops import MacsTable, macs_table
+from dynroute.layers.routing import routing_logits, routing_paths
 
 __all__ = [
     "RoutingRecord",

@@ -1,12 +1,16 @@
-"""Load a dense network's weights into a converted one, to retrofit routers onto a trained ResNet."""
+"""Checkpoints of routed models (weights and stage) and dense weights loaded into a converted model."""
 
+import os
 from collections.abc import Mapping
+from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-from dynroute.routing import WRAPPER_ATTRIBUTES, gated_blocks
+from dynroute.layers.routing import WRAPPER_ATTRIBUTES, gated_blocks, unwrap_model
+from dynroute.training.stages import get_stage, set_stage
 
-__all__ = ["load_dense_state_dict"]
+__all__ = ["save_checkpoint", "load_checkpoint", "load_dense_state_dict"]
 
 # Prefixes that wrappers add to every key: DistributedDataParallel's "module.", torch.compile's "_orig_mod.".
 _WRAPPER_PREFIXES = tuple(f"{name}." for name in WRAPPER_ATTRIBUTES)
@@ -59,3 +63,34 @@ def load_dense_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) ->
         )
     model.load_state_dict(state_dict, strict=False)
     return model
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra: Any) -> None:
+    """Save a model's ``state_dict`` and stage, plus ``extra`` entries (optimizer state, epoch...).
+
+    DDP and torch.compile wrappers are unwrapped, so the keys are the model's own. A model without gated blocks (a
+    dense baseline) is saved with stage None.
+    """
+    model = unwrap_model(model)
+    stage = get_stage(model) if any(True for _ in gated_blocks(model)) else None
+    torch.save({"model": model.state_dict(), "stage": stage, **extra}, path)
+
+
+def load_checkpoint(path: str | os.PathLike, model: nn.Module, strict: bool = True) -> dict[str, Any]:
+    """Load a checkpoint of :func:`save_checkpoint` into ``model`` and restore its stage.
+
+    Returns:
+        The ``extra`` entries that were saved with it.
+    """
+    model = unwrap_model(model)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+        raise ValueError(
+            f"{os.fspath(path)!r} is not a dynroute checkpoint (no 'model' entry); for a pretrained dense "
+            "checkpoint use model.load_state_dict or dynroute.models.load_cifar_checkpoint"
+        )
+    model.load_state_dict(checkpoint.pop("model"), strict=strict)
+    stage = checkpoint.pop("stage", None)
+    if stage is not None:
+        set_stage(model, stage)
+    return checkpoint

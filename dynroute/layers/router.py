@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dynroute.hooks import has_global_forward_hooks, runs_as_stock, runs_own_forward, torch_forward
+from dynroute.layers.hooks import has_global_forward_hooks, runs_as_stock, runs_own_forward, torch_forward
 
 __all__ = ["Router", "relaxed_gate", "hard_gate"]
 

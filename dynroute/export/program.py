@@ -12,7 +12,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from dynroute.routing import routing_paths, set_execution
+from dynroute.layers.routing import routing_paths, set_execution
 
 __all__ = ["WithPaths", "export_program"]
 

@@ -5,7 +5,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from dynroute.gated_block import Execution, ForcedGate, GatedBlock
+from dynroute.layers.gated_block import Execution, ForcedGate, GatedBlock
 
 __all__ = ["gated_blocks", "force_gates", "set_execution", "routing_paths", "routing_logits"]
 

@@ -5,11 +5,12 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from dynroute.adapters import get_adapter, registered_block_types
-from dynroute.flops import attach_macs_table, build_macs_table, check_input_size, first_conv_channels
-from dynroute.gated_block import GatedBlock, check_image_batch
-from dynroute.router import Router
-from dynroute.stage import adopt_stage
+from dynroute._validation import check_image_batch, check_input_size
+from dynroute.conversion.flops import attach_macs_table, build_macs_table, first_conv_channels
+from dynroute.conversion.registry import get_adapter, registered_block_types
+from dynroute.layers.gated_block import GatedBlock
+from dynroute.layers.router import Router
+from dynroute.layers.stage import adopt_stage
 
 __all__ = ["convert_resnet"]
 
