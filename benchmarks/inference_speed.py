@@ -18,7 +18,7 @@ path; the times are per forward. Printed per (model, batch, rate, execution):
 Timing warms up, then interleaves dense, sparse and masked runs of every rate (ABCABC...) so that
 the noise of a shared machine hits each alike, and takes medians.
 
-    python benchmarks/inference_speed.py                      # resnet50 and cifar_resnet110, a few minutes
+    python benchmarks/inference_speed.py                      # resnet50, cifar_resnet110, resnetv2_50, regnety_016
     python benchmarks/inference_speed.py --models cifar_resnet110 --batches 1 --repeats 21
     python benchmarks/inference_speed.py --quick              # tiny sizes, a few seconds
     python benchmarks/inference_speed.py --clock cpu --threads 1 --malloc keep   # on a busy shared machine
@@ -59,12 +59,14 @@ class ModelSpec:
 MODELS: dict[str, ModelSpec] = {
     "resnet50": ModelSpec(lambda: timm.create_model("resnet50"), (3, 224, 224), (1, 32)),
     "cifar_resnet110": ModelSpec(dynroute.models.resnet110, (3, 32, 32), (1, 256)),
+    "resnetv2_50": ModelSpec(lambda: timm.create_model("resnetv2_50"), (3, 224, 224), (1, 32)),
+    "regnety_016": ModelSpec(lambda: timm.create_model("regnety_016"), (3, 224, 224), (1, 32)),
     # small members of the same families, for --quick and the tests
     "resnet26": ModelSpec(lambda: timm.create_model("resnet26"), (3, 64, 64), (1, 4)),
     "cifar_resnet20": ModelSpec(dynroute.models.resnet20, (3, 32, 32), (1, 8)),
 }
 FULL_DEFAULTS = {
-    "models": ["resnet50", "cifar_resnet110"],
+    "models": ["resnet50", "cifar_resnet110", "resnetv2_50", "regnety_016"],
     "repeats": 11,
     "warmup": 2,
     "min_time": 0.1,
@@ -367,7 +369,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options; ``--quick`` changes the defaults of the options not given."""
     positive, non_negative = _int_at_least(1), _int_at_least(0)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), help="default resnet50 cifar_resnet110")
+    parser.add_argument(
+        "--models", nargs="+", choices=sorted(MODELS), help=f"default {' '.join(FULL_DEFAULTS['models'])}"
+    )
     parser.add_argument("--batches", nargs="+", type=positive, help="batch sizes for every model; default per model")
     parser.add_argument("--rates", nargs="+", type=_rate, default=[0.5, 0.7], help="execution rates (default 0.5 0.7)")
     parser.add_argument("--repeats", type=positive, help="interleaved measurements per variant (median); default 11")

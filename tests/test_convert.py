@@ -5,7 +5,6 @@ import timm
 import torch
 import torchvision
 from torch import nn
-from torchvision.models.quantization import resnet as quantizable_resnet
 
 import dynroute
 from dynroute.models import CifarBasicBlock
@@ -46,9 +45,13 @@ class TestTorchvision:
         converted = _assert_drop_in(original, (3, 64, 64))
         assert len(list(dynroute.gated_blocks(converted))) == sum(original_blocks(original))
 
-    def test_quantizable_subclass_is_refused_with_its_path(self):
-        model = quantizable_resnet.resnet18(weights=None, quantize=False)
-        with pytest.raises(TypeError, match=r"'layer1\.0' is a QuantizableBasicBlock.*register_block"):
+    def test_an_unregistered_subclass_is_refused_with_its_path(self):
+        class TracedBasicBlock(torchvision.models.resnet.BasicBlock):
+            pass
+
+        model = torchvision.models.resnet18()
+        model.layer1[0] = TracedBasicBlock(64, 64)
+        with pytest.raises(TypeError, match=r"'layer1\.0' is a .*TracedBasicBlock, a subclass.*register_block"):
             dynroute.convert_resnet(model, input_size=(3, 32, 32))
 
 
@@ -193,7 +196,7 @@ class TestConvertOptions:
 
 
 @pytest.mark.slow
-def test_every_timm_resnet_converts_with_equal_logits():
+def test_every_timm_resnet_converts_with_equal_logits(one_thread):
     """All architectures of timm.list_models(module="resnet"), at 64 px, gates open."""
     failures = []
     names = timm.list_models(module="resnet")

@@ -44,6 +44,14 @@ class TestExecutedPages:
         assert paths.shape == (16, 9)
         assert 0 < paths.sum() < paths.numel(), "the page's routers must skip some blocks and run others"
 
+    @pytest.mark.slow
+    def test_families(self, monkeypatch, tmp_path, capsys):
+        namespace = run_page("families.md", monkeypatch, tmp_path)
+        assert len(namespace["same_logits"]) == 9 and all(namespace["same_logits"].values())
+        printed = capsys.readouterr().out
+        assert "torchvision.models.densenet.DenseNet has no residual add to gate" in printed
+        assert [name for name, _ in dynroute.gated_blocks(namespace["model"])] == ["1", "2", "3"]
+
     def test_new_block(self, monkeypatch, tmp_path):
         namespace = run_page("how-to/new-block.md", monkeypatch, tmp_path)
         assert namespace["model"].blocks[0].__class__.__name__ == "GatedBlock"

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from dynroute._validation import check_image_batch, check_input_size
 from dynroute.conversion.flops import attach_macs_table, build_macs_table, first_conv_channels
-from dynroute.conversion.registry import get_adapter, registered_block_types
+from dynroute.conversion.registry import get_adapter, is_gateable, registered_block_types
 from dynroute.layers.gated_block import GatedBlock
 from dynroute.layers.router import Router
 from dynroute.layers.stage import adopt_stage
@@ -36,7 +36,10 @@ def _supported_names() -> list[str]:
 
 
 def _find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Registered residual blocks by dotted name; a subclass of a registered type is an error."""
+    """Registered residual blocks by dotted name; a subclass of a registered type is an error.
+
+    An instance its adapter finds without a residual add (built with no shortcut) is not a residual block.
+    """
     registered = registered_block_types()
     blocks = []
     for name, module in model.named_modules():
@@ -45,14 +48,14 @@ def _find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
                 f"{type(model).__name__} is already converted (found a GatedBlock at {name!r}); "
                 "convert the original model only once"
             )
-        if get_adapter(module) is not None:
+        if is_gateable(module):
             if not name:
                 raise TypeError(
                     f"convert_resnet() takes a whole network, but got a bare {type(module).__qualname__}; "
                     "wrap a single block with dynroute.GatedBlock(block)"
                 )
             blocks.append((name, module))
-        elif isinstance(module, registered):
+        elif get_adapter(module) is None and isinstance(module, registered):
             raise TypeError(
                 f"block {name!r} is a {type(module).__qualname__}, a subclass of a supported block that may "
                 f"compute differently; supported exactly: {_supported_names()}. Teach the converter with "
@@ -89,10 +92,12 @@ def convert_resnet(
 ) -> nn.Module:
     """Give each residual block of ``model`` a router, in place, and measure its MAC table.
 
-    Works on timm and torchvision ResNets (and ResNeXts, wide and SE/ECA variants) and on
-    :mod:`dynroute.models` CIFAR ResNets; other blocks can be taught with
-    :func:`dynroute.register_block`. The forward signature and outputs are unchanged; with every
-    gate forced open (:func:`dynroute.force_gates`) the logits are the original's. The ``state_dict``
+    Works on timm and torchvision ResNets (and ResNeXts, wide and SE/ECA variants), timm's
+    ResNetV2 (BiT), RegNet, legacy SENet, Res2Net, ResNeSt, SKNet and ByobNet ResNets,
+    torchvision's RegNets and quantizable ResNets (float mode), and :mod:`dynroute.models` CIFAR
+    ResNets; other blocks can be taught with :func:`dynroute.register_block`.
+    The forward signature and outputs are unchanged; with every gate forced open
+    (:func:`dynroute.force_gates`) the logits are the original's. The ``state_dict``
     keeps the original's keys and adds ``<block>.router.*``: load the original's weights with
     :func:`dynroute.load_dense_state_dict` (a strict ``load_state_dict`` misses the router keys).
 

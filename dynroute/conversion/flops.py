@@ -2,10 +2,11 @@
 
 For each gated block: the MACs its gate saves when closed (its residual branch) and the MACs of
 its router; plus the always-paid rest (stem, shortcuts, head). Measuring never changes the
-user's model: fvcore traces a deep copy with every gate forced open, then closed.
+user's model: fvcore traces a copy with every gate forced open, then closed.
 """
 
 import copy
+import itertools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -92,14 +93,25 @@ class MacsTable:
         return self.format()
 
 
+def measuring_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in eval mode that shares its parameters and buffers.
+
+    The copy has modules of its own, so forcing its gates or its mode leaves ``model`` as it was;
+    its tensors are ``model``'s, which the eval forwards of a measurement read and never write, so
+    measuring a network of billions of parameters does not double its memory.
+    """
+    shared = {id(tensor): tensor for tensor in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, shared).eval()
+
+
 def count_macs(
     model: nn.Module, input_size: tuple[int, ...], op_handles: dict[str, Callable] | None = None
 ) -> FlopCountAnalysis:
-    """fvcore analysis of one eval forward of a deep copy of ``model`` on a batch of one.
+    """fvcore analysis of one eval forward of a copy of ``model`` (:func:`measuring_copy`) on a batch of one.
 
     ``op_handles`` maps operator names to fvcore counters, added to (or replacing) fvcore's defaults.
     """
-    measured = copy.deepcopy(model).eval()
+    measured = measuring_copy(model)
     parameter = next(measured.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
@@ -155,12 +167,12 @@ def check_table(table: MacsTable) -> None:
 def build_macs_table(model: nn.Module, input_size: tuple[int, ...]) -> MacsTable:
     """Measure the MAC table of a converted ``model`` at ``input_size`` = (C, H, W).
 
-    The model is not changed: fvcore traces deep copies with all gates open, then all closed,
-    and each router alone on its block's input shape (a forced gate leaves the router's output
-    unused, so the tracer drops it from the whole-network trace).
+    The model is not changed: fvcore traces copies (:func:`measuring_copy`) with all gates open,
+    then all closed, and each router alone on its block's input shape (a forced gate leaves the
+    router's output unused, so the tracer drops it from the whole-network trace).
     """
     input_size = check_input_size(input_size)
-    measured = copy.deepcopy(model).eval()
+    measured = measuring_copy(model)
     blocks = list(gated_blocks(measured))
     if not blocks:
         raise TypeError(f"{type(model).__name__} has no gated blocks; convert it with dynroute.convert_resnet first")

@@ -38,6 +38,10 @@ class BlockAdapter:
             When it is an ``nn.ReLU`` in two consecutive gated blocks of a stage, sparse execution
             leaves the rows the second skips as they are instead of applying the ReLU to its
             input again (``relu(relu(y)) == relu(y)``).
+        has_residual_add: ``block -> bool``, whether this instance adds a shortcut at all (optional).
+            Some families build a block without one where the shape changes (timm's RegNetZ and
+            ByobNet blocks with no downsample type): such an instance is a plain layer, which the
+            converter leaves ungated. Default: every instance of the type has the add.
     """
 
     residual: Callable[[nn.Module, Tensor], Tensor]
@@ -45,6 +49,7 @@ class BlockAdapter:
     activation: Callable[[nn.Module, Tensor], Tensor]
     in_channels: Callable[[nn.Module], int]
     final_activation: Callable[[nn.Module], nn.Module] | None = None
+    has_residual_add: Callable[[nn.Module], bool] | None = None
 
 
 _REGISTRY: dict[type[nn.Module], BlockAdapter] = {}
@@ -62,6 +67,14 @@ def register_block(block_type: type[nn.Module], adapter: BlockAdapter) -> None:
 def get_adapter(block: nn.Module) -> BlockAdapter | None:
     """The adapter registered for exactly ``type(block)``, or None."""
     return _REGISTRY.get(type(block))
+
+
+def is_gateable(block: nn.Module) -> bool:
+    """Whether the converter gates ``block``: its exact type is registered and its adapter sees a residual add."""
+    adapter = get_adapter(block)
+    if adapter is None:
+        return False
+    return adapter.has_residual_add is None or adapter.has_residual_add(block)
 
 
 def registered_block_types() -> tuple[type[nn.Module], ...]:
