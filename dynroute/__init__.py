@@ -25,12 +25,23 @@ from dynroute.conversion.registry import BlockAdapter, get_adapter, register_blo
 from dynroute.export.program import WithPaths, export_program
 from dynroute.layers.gated_block import GatedBlock
 from dynroute.layers.router import Router, hard_gate, relaxed_gate
-from dynroute.layers.routing import force_gates, gated_blocks, routing_logits, routing_paths, set_execution
+from dynroute.layers.routing import (
+    force_gates,
+    gated_blocks,
+    routing_decisions,
+    routing_logits,
+    routing_paths,
+    set_decision_offset,
+    set_execution,
+)
 from dynroute.layers.stage import GatedSequential
+from dynroute.layers.static_router import StaticRouter
 from dynroute.losses.budget import BudgetLoss
 from dynroute.losses.cost import CostLoss, cost_loss, path_costs
 from dynroute.losses.objective import CoDiNetLoss
 from dynroute.losses.path import ConsistencyLoss, DiversityLoss, consistency_loss, diversity_loss
+from dynroute.losses.rate import ExecutionRateLoss, execution_rate_loss
+from dynroute.training.calibration import calibrate_budget
 from dynroute.training.checkpoint import load_checkpoint, load_dense_state_dict, save_checkpoint
 from dynroute.training.data import MultiViewTransform, eval_transform, multiview_collate, train_transform
 from dynroute.training.stages import block_parameters, get_stage, router_parameters, set_stage
@@ -41,6 +52,7 @@ __all__ = [
     "plots",
     # layers
     "Router",
+    "StaticRouter",
     "GatedBlock",
     "GatedSequential",
     "relaxed_gate",
@@ -57,6 +69,8 @@ __all__ = [
     "set_execution",
     "routing_paths",
     "routing_logits",
+    "routing_decisions",
+    "set_decision_offset",
     # losses
     "ConsistencyLoss",
     "DiversityLoss",
@@ -65,7 +79,10 @@ __all__ = [
     "diversity_loss",
     "cost_loss",
     "path_costs",
+    "ExecutionRateLoss",
+    "execution_rate_loss",
     "BudgetLoss",
+    "calibrate_budget",
     "CoDiNetLoss",
     # MACs
     "MacsTable",

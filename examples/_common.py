@@ -97,6 +97,18 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add("--budget", type=float, default=None, help="target average cost, fraction of dense MACs (adaptive gamma)")
     add("--num_target", "--num-target", dest="num_target", type=int, default=None, help="original: blocks to run")
     add("--gamma", "--loss_w", dest="gamma", type=float, default=None, help="cost weight (initial gamma with a budget)")
+    add(
+        "--static-router",
+        action="store_true",
+        help="one learned decision per block for every image (dynroute.StaticRouter): the learned-pruning baseline",
+    )
+    add(
+        "--rate-weight",
+        type=float,
+        default=0.0,
+        help="weight of the per-block execution-rate term (ConvNet-AIG), each block's target rate the one that "
+        "spends --budget; 0 = off",
+    )
     add("--consistency-weight", type=float, default=0.2, help="alpha, weight of Eq. 8")
     add("--diversity-weight", type=float, default=0.2, help="beta of the paper, weight of Eq. 9")
     add("--loss_lda", "--loss-lda", dest="loss_lda", type=float, default=None, help="original: both path weights")
@@ -130,7 +142,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         help="after training, set the decision threshold so the cost of this many training images under the "
-        "evaluation transform is at most the budget and within 0.2 points of it (BudgetLoss.calibrate); 0 = off",
+        "evaluation transform is at most the budget and within 0.2 points of it (dynroute.calibrate_budget); 0 = off",
     )
     add(
         "--calibrate-when",
@@ -218,6 +230,7 @@ def build_criterion(args: argparse.Namespace, model: nn.Module) -> dynroute.CoDi
         target=budget,
         consistency_margin=args.consistency_margin,
         diversity_margin=args.diversity_margin,
+        rate_weight=args.rate_weight,
         **(budget_kwargs if budget is not None else {}),
     )
 
@@ -241,7 +254,7 @@ def distillation_loss(logits: Tensor, teacher_logits: Tensor, temperature: float
 def calibration_subset(train_set: Dataset, transform: Callable, count: int, seed: int) -> Subset:
     """``count`` training images, a fixed random choice, under ``transform`` (the evaluation one).
 
-    What :meth:`dynroute.BudgetLoss.calibrate` needs: images like the ones a deployed model meets,
+    What :func:`dynroute.calibrate_budget` needs: images like the ones a deployed model meets,
     not augmented views and not the test set. ``train_set`` is a torchvision dataset with a
     ``transform`` attribute, or a ``Subset`` of one.
     """
@@ -460,8 +473,8 @@ def train(
                 loss, terms = criterion(logits, labels), {}
                 terms["ce"] = loss.item()
             else:
-                paths, router_logits = dynroute.routing_paths(model), dynroute.routing_logits(model)
-                loss, terms = criterion(logits, labels, paths, router_logits)
+                paths = dynroute.routing_paths(model)
+                loss, terms = criterion(logits, labels, paths)
                 terms["train_macs"] = dynroute.macs_fraction(paths, dynroute.macs_table(model))
             if teacher is not None:
                 with torch.no_grad():
@@ -472,8 +485,8 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            if not args.dense and not calibrate_in_stage2:
-                criterion.trim(model)  # stage 2 with a budget: hold the hard cost on it
+            if not args.dense and not (calibrate_in_stage2 and stage == 2):
+                criterion.step(model)  # the budget controller: gamma in stage 1, the threshold in stage 2
             state.step += 1
             sums["loss"] += loss.item() * labels.numel()
             sums["correct"] += (logits.argmax(1) == labels).sum().item()
@@ -511,14 +524,15 @@ def train(
 def calibrate(model: nn.Module, criterion: dynroute.CoDiNetLoss, loader: DataLoader, env: Distributed) -> None:
     """Put the eval-mode cost of ``loader``'s images at or just under the budget; every rank gets the thresholds."""
     if env.is_main:
-        cost = criterion.calibrate(model, loader, at_most=True)
+        cost = dynroute.calibrate_budget(model, loader, criterion.cost.target, at_most=True)
         print(
             f"calibrated the decision threshold on {len(loader.dataset)} training images (evaluation transform): "
             f"cost {100 * cost:.2f}% of dense for a budget of at most {100 * criterion.cost.target:.1f}%"
         )
     if env.enabled:
-        for parameter in dynroute.router_parameters(model):
-            dist.broadcast(parameter.data, src=0)
+        for _, block in dynroute.gated_blocks(model):  # the thresholds: run biases and decision offsets
+            for tensor in (*block.router.parameters(), *block.router.buffers()):
+                dist.broadcast(tensor.data, src=0)
 
 
 def final_report(model: nn.Module, test_loader: DataLoader, args: argparse.Namespace, env: Distributed) -> dict:

@@ -124,12 +124,11 @@ def main(argv: list[str] | None = None) -> dict:
                 if step == steps_per_epoch:
                     break
                 logits = model(images)
-                paths, router_logits = dynroute.routing_paths(model), dynroute.routing_logits(model)
-                loss, terms = criterion(logits, labels, paths, router_logits)
+                loss, terms = criterion(logits, labels, dynroute.routing_paths(model))
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-                criterion.trim(model)  # stage 2: hold the hard cost on the budget
+                criterion.step(model)  # the budget controller: gamma in stage 1, the threshold in stage 2
                 scheduler.step()
                 bar.set_postfix(stage=dynroute.get_stage(model), ce=f"{terms['ce']:.3f}")
                 bar.update()

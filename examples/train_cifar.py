@@ -155,7 +155,11 @@ def build_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
     if args.dense:
         return model
     return dynroute.convert_resnet(
-        model, input_size=(3, IMAGE_SIZE, IMAGE_SIZE), temperature=args.temperature, relaxation=args.relaxation
+        model,
+        input_size=(3, IMAGE_SIZE, IMAGE_SIZE),
+        router_layer=dynroute.StaticRouter if args.static_router else dynroute.Router,
+        temperature=args.temperature,
+        relaxation=args.relaxation,
     )
 
 

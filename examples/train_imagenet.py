@@ -66,7 +66,10 @@ def build_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
     if args.dense:
         return model
     size = (3, args.image_size, args.image_size)
-    return dynroute.convert_resnet(model, input_size=size, temperature=args.temperature, relaxation=args.relaxation)
+    router = dynroute.StaticRouter if args.static_router else dynroute.Router
+    return dynroute.convert_resnet(
+        model, input_size=size, router_layer=router, temperature=args.temperature, relaxation=args.relaxation
+    )
 
 
 def build_transforms(model: torch.nn.Module, image_size: int) -> tuple[T.Compose, T.Compose]:

@@ -273,12 +273,7 @@ class TestBadInput:
 LOADER_MEASURES = {
     "summary": lambda model, loader, **kw: dynroute.summary(model, loader, verbose=False, **kw).macs_fraction,
     "collect_routing": lambda model, loader, **kw: dynroute.collect_routing(model, loader, **kw).macs().fraction,
-    "BudgetLoss.calibrate": lambda model, loader, **kw: dynroute.BudgetLoss(
-        dynroute.macs_table(model), target=0.5
-    ).calibrate(model, loader, **kw),
-    "CoDiNetLoss.calibrate": lambda model, loader, **kw: dynroute.CoDiNetLoss(
-        dynroute.macs_table(model), num_views=1, target=0.5
-    ).calibrate(model, loader, **kw),
+    "calibrate_budget": lambda model, loader, **kw: dynroute.calibrate_budget(model, loader, 0.5, **kw),
 }
 
 

@@ -85,6 +85,7 @@ def convert_resnet(
     model: nn.Module,
     input_size: tuple[int, int, int] | None = None,
     blocks: BlockSelector | None = None,
+    router_layer: Callable[..., nn.Module] = Router,
     **router_kwargs: Any,
 ) -> nn.Module:
     """Give each residual block of ``model`` a router, in place, and measure its MAC table.
@@ -102,7 +103,10 @@ def convert_resnet(
             except for timm models, which default to their own.
         blocks: which residual blocks to gate: a dotted name (``"layer1.0"``), an iterable of
             them, or a predicate ``(name, block) -> bool``; default all.
-        **router_kwargs: passed to every :class:`Router` (``rd_ratio``, ``temperature``,
+        router_layer: the router class, called as ``router_layer(in_channels, **router_kwargs)`` for each
+            block: :class:`Router` (per-image decisions, the default) or :class:`StaticRouter` (one
+            learned decision for every image: the learned-pruning ablation).
+        **router_kwargs: passed to every router (``rd_ratio``, ``temperature``,
             ``relaxation``, ``init_open_prob``, ...).
 
     Returns:
@@ -132,7 +136,7 @@ def convert_resnet(
     try:
         for name, block in selected:
             adapter = get_adapter(block)
-            router = Router(adapter.in_channels(block), **router_kwargs)
+            router = router_layer(adapter.in_channels(block), **router_kwargs)
             parameter = next(block.parameters(), None)
             if parameter is not None:
                 router.to(device=parameter.device, dtype=parameter.dtype)
