@@ -1,4 +1,4 @@
-"""Train a routed ResNet the CoDiNet way on real data, offline, in about 1.5 minutes on 2 CPU cores.
+"""Train a routed ResNet the CoDiNet way on real data, offline, in about 3 minutes of CPU time.
 
 The data is scikit-learn's handwritten digits (1,797 8x8 images shipped inside the package),
 upsampled to 16x16. A CIFAR ResNet-20 is converted with ``dynroute.convert_resnet``, trained in
