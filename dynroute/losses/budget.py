@@ -5,7 +5,7 @@ Here gamma is a Lagrange multiplier adapted during training by the method of mul
 (augmented Lagrangian) on the constraint ``E[cost] = target``:
 
     loss = gamma * (c - target) + penalty / 2 * (c - target)^2
-    gamma <- gamma + step_size * (measured - target)        after every training batch
+    gamma <- max(0, gamma + step_size * (measured - target))        after every training batch
 
 ``c`` is the batch mean of the relaxed path costs (differentiable, it trains the routers);
 ``measured`` is the batch mean cost of the hard decisions the network would take at test time
@@ -13,8 +13,9 @@ Here gamma is a Lagrange multiplier adapted during training by the method of mul
 gamma. The quadratic term pulls the cost towards the target at once; the multiplier integrates
 the remaining gap, including the gap between relaxed training gates and hard test decisions, so
 the test-time cost settles on the target rather than wherever the classification loss balances
-the penalty. gamma may go negative: the target is an equality, a network that runs too cheap is
-pushed back up.
+the penalty. gamma never goes negative, so the cost term never rewards cost: a network that runs
+cheaper than the target is pulled back up by the quadratic term alone, and gamma waits at 0 until
+the measured cost exceeds the target again.
 
 Relaxed gates are not hard ones: later routers see features mixed by soft gates in training and
 by 0/1 decisions at test time, so the cost measured in stage 1 is only close to the test-time
@@ -54,12 +55,12 @@ class BudgetLoss(nn.Module):
         target: the budget, a fraction of dense MACs in (fixed cost, 1].
         penalty: weight of the quadratic term ``(c - target)^2 / 2``.
         step_size: how fast gamma integrates the measured gap, per batch.
-        initial_gamma: the multiplier to start from.
+        initial_gamma: the multiplier to start from, >= 0.
         trim_step: logits the decision threshold moves per unit of cost gap in :meth:`trim`.
 
     Attributes:
-        gamma: the current multiplier, a buffer (saved in the ``state_dict``, so training resumes
-            with it).
+        gamma: the current multiplier, >= 0, a buffer (saved in the ``state_dict``, so training
+            resumes with it).
         last_measured: test-time cost fraction of the last training batch.
 
     Example:
@@ -82,6 +83,11 @@ class BudgetLoss(nn.Module):
         check_target(target, fixed)
         if penalty < 0 or step_size < 0:
             raise ValueError(f"penalty and step_size must be >= 0, but got {penalty} and {step_size}")
+        if not initial_gamma >= 0:  # NaN fails too
+            raise ValueError(
+                f"initial_gamma must be >= 0, but got {initial_gamma}; a negative cost weight rewards cost "
+                "(a network under the target is pulled up by the quadratic term)"
+            )
         self.register_buffer("block_costs", table.block_costs(), persistent=False)
         self.register_buffer("gamma", torch.tensor(float(initial_gamma)))
         self.fixed_cost = fixed
@@ -203,7 +209,8 @@ class BudgetLoss(nn.Module):
 
     @torch.no_grad()
     def _update_gamma(self, decisions: Tensor) -> None:
-        self.gamma += self.step_size * (self._measure(decisions) - self.target)
+        # Clamped at 0: a negative multiplier would reward cost, i.e. push a cheap network to spend more.
+        self.gamma.copy_((self.gamma + self.step_size * (self._measure(decisions) - self.target)).clamp_min(0.0))
 
     def extra_repr(self) -> str:
         return (
