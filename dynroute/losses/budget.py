@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from dynroute._progress import progress_bar
 from dynroute._validation import check_target
 from dynroute.analysis.accounting import hard_paths
 from dynroute.analysis.metrics import collect_for_macs
@@ -131,6 +132,7 @@ class BudgetLoss(nn.Module):
         max_batches: int | None = None,
         at_most: bool = False,
         table: MacsTable | None = None,
+        progress: bool | None = None,
     ) -> float:
         """After training: shift every router's "run" logit so the eval-mode cost over ``loader`` meets the target.
 
@@ -151,6 +153,8 @@ class BudgetLoss(nn.Module):
             at_most: treat the target as a cap: keep only offsets whose cost is at or under it
                 (between ``target - tolerance`` and ``target`` when the bisection gets there).
             table: the MAC table of the loader's image size; default :func:`dynroute.macs_table` (model).
+            progress: show tqdm progress bars, one over the passes and one over each pass's batches;
+                None (default) shows them when stderr is a terminal.
 
         Returns:
             The cost fraction measured at the offset kept: the closest to the target seen (with
@@ -169,7 +173,14 @@ class BudgetLoss(nn.Module):
 
         def cost_at(offset: float) -> float:
             set_offset(offset)
-            return collect_for_macs(model, loader, max_batches=max_batches, table=table).macs().fraction
+            desc = f"calibrate pass {len(measured) + 1}"
+            record = collect_for_macs(
+                model, loader, max_batches=max_batches, table=table, progress=progress, desc=desc, leave=False
+            )
+            cost = record.macs().fraction
+            passes.update()
+            passes.set_postfix(offset=f"{offset:+.3f}", cost=f"{cost:.4f}", target=self.target)
+            return cost
 
         def closest() -> float:
             allowed = [offset for offset in measured if not at_most or measured[offset] <= self.target]
@@ -180,6 +191,7 @@ class BudgetLoss(nn.Module):
             return abs(cost - self.target) <= tolerance and (not at_most or cost <= self.target)
 
         measured: dict[float, float] = {}
+        passes = progress_bar(total=max_passes, progress=progress, desc="calibrate", unit="pass")
         try:
             measured[0.0] = cost_at(0.0)
             # Bracket the target (a larger "run" logit opens more gates), doubling the step until the
@@ -195,6 +207,7 @@ class BudgetLoss(nn.Module):
                     short_of, step = offset, 2 * step
         finally:  # keep the best offset found, the trained one if nothing was measured
             set_offset(closest() if measured else 0.0)
+            passes.close()
         return measured[closest()]
 
     @torch.no_grad()
