@@ -96,7 +96,14 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add("--dense", action="store_true", help="train the dense network (no routers): the baseline")
     add("--budget", type=float, default=None, help="target average cost, fraction of dense MACs (adaptive gamma)")
     add("--num_target", "--num-target", dest="num_target", type=int, default=None, help="original: blocks to run")
-    add("--gamma", "--loss_w", dest="gamma", type=float, default=None, help="cost weight (initial gamma with a budget)")
+    add(
+        "--gamma",
+        type=float,
+        default=None,
+        help="cost weight: fixed without a budget (default 1), the adaptive gamma's start with one (default 0); "
+        "0 without a budget: no cost term",
+    )
+    add("--loss_w", "--loss-w", dest="loss_w", type=float, default=None, help="original: cost weight (--gamma)")
     add(
         "--static-router",
         action="store_true",
@@ -168,8 +175,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
 def resolve_arguments(args: argparse.Namespace) -> argparse.Namespace:
     """Turn the original CoDiNet flags into this script's settings, in place.
 
-    ``--aug_repeat R`` gives R views (0 counts as 1) and ``--loss_lda`` both path weights;
-    ``--num_target K`` becomes a budget in :func:`build_criterion`, once the MAC table is known.
+    ``--aug_repeat R`` gives R views (0 counts as 1), ``--loss_lda`` both path weights and
+    ``--loss_w`` the cost weight ``--gamma``; ``--num_target K`` becomes a budget (or none) in
+    :func:`resolve_cost_flags`, once the MAC table is known.
     """
     if args.views is None:
         args.views = max(1, args.aug_repeat) if args.aug_repeat is not None else 2
@@ -177,6 +185,19 @@ def resolve_arguments(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"--views must be >= 1, but got {args.views}")
     if args.loss_lda is not None:
         args.consistency_weight = args.diversity_weight = args.loss_lda
+    if args.loss_w is not None:
+        if args.gamma is not None and args.gamma != args.loss_w:
+            raise ValueError(
+                f"--loss_w {args.loss_w} and --gamma {args.gamma} both set the cost weight; pass one of them"
+            )
+        args.gamma = args.loss_w
+    if args.gamma is not None and not args.gamma >= 0:
+        raise ValueError(f"{_gamma_flag(args)} must be >= 0, but got {args.gamma}: a negative cost weight rewards cost")
+    if args.gamma == 0 and args.budget is not None and not args.dense:
+        raise ValueError(
+            f"{_gamma_flag(args)} 0 switches the cost term off, but --budget {args.budget} asks for one: drop "
+            f"{_gamma_flag(args)} (the budget's gamma starts at 0) or drop --budget"
+        )
     if args.router_lr is None:
         args.router_lr = args.lr
     distill_flags = [flag for flag in ("distill_weight", "distill_temperature") if getattr(args, flag) is not None]
@@ -189,6 +210,11 @@ def resolve_arguments(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(
             "--calibrate-images calibrates a budget: add --budget (or --num_target) to a routed run, or drop it"
         )
+    if args.calibrate_images and args.gamma == 0:
+        raise ValueError(
+            f"--calibrate-images calibrates a budget, but {_gamma_flag(args)} 0 switches the cost term off: "
+            f"drop {_gamma_flag(args)} 0, or drop --calibrate-images"
+        )
     if args.calibrate_when != "end" and not args.calibrate_images:
         raise ValueError(
             f"--calibrate-when {args.calibrate_when} needs images to calibrate on: add --calibrate-images N, or drop it"
@@ -200,11 +226,91 @@ def resolve_arguments(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def _gamma_flag(args: argparse.Namespace) -> str:
+    """How the command line spelled the cost weight: the original's ``--loss_w`` or ``--gamma``."""
+    return "--loss_w" if args.loss_w is not None else "--gamma"
+
+
+def original_flag_notes(args: argparse.Namespace) -> list[str]:
+    """One line per original CoDiNet flag (other than the cost flags) whose meaning changes here."""
+    notes = []
+    if args.aug_repeat is not None:
+        zero = " (0 counts as 1)" if args.aug_repeat == 0 else ""
+        notes.append(f"--aug_repeat {args.aug_repeat} -> {args.views} view(s) per sample{zero}")
+    if args.loss_lda is not None:
+        notes.append(f"--loss_lda {args.loss_lda} -> consistency and diversity weights {args.loss_lda} each")
+    if args.beta is not None:
+        notes.append(f"--beta {args.beta} -> unused, as in the original (the router temperature is --temperature)")
+    if getattr(args, "pretrain", False):
+        notes.append("--pretrain -> unused: the dense checkpoint is --model_path")
+    return notes
+
+
+@dataclass(frozen=True)
+class CostSettings:
+    """The cost term the command line asks for, once the MAC table is known.
+
+    Attributes:
+        term: ``"budget"`` (BudgetLoss, gamma adapted towards ``budget``), ``"fixed"`` (``gamma``
+            times the cost) or ``"none"`` (no cost term, no controller).
+        budget: target average cost as a fraction of dense MACs, or None.
+        gamma: the fixed cost weight, or the adaptive gamma's starting value; 0 for ``"none"``.
+        notes: one line per cost flag saying what it became, printed at start.
+    """
+
+    term: str
+    budget: float | None
+    gamma: float
+    notes: tuple[str, ...] = ()
+
+
+def resolve_cost_flags(args: argparse.Namespace, table: dynroute.MacsTable, model_name: str) -> CostSettings:
+    """What ``--budget``, ``--num_target`` and ``--gamma`` / ``--loss_w`` ask for, with the original's meaning.
+
+    A cost weight of 0 means no cost term and no controller (the original multiplied its cost
+    loss by ``--loss_w``). ``--num_target K`` with K at or above the number of gated blocks asks
+    for every block: no budget and no cost term. A smaller K is the budget
+    :func:`budget_from_num_target`; ``--budget`` states one directly and wins. With a budget,
+    the cost weight is gamma's starting value (default 0); without one, the fixed weight (default 1).
+    """
+    weight, target, blocks = _gamma_flag(args), args.num_target, table.num_blocks
+    if args.gamma == 0:
+        notes = [f"{weight} {args.gamma} -> no cost term and no budget controller (cost weight 0, as in the original)"]
+        if target is not None:
+            reason = f"{model_name} has {blocks} gated blocks" if target >= blocks else f"{weight} 0 turns the cost off"
+            notes.append(f"--num_target {target} -> no budget ({reason})")
+        return CostSettings("none", None, 0.0, tuple(notes))
+    if args.budget is not None:
+        budget = args.budget
+        notes = [] if target is None else [f"--num_target {target} -> unused: --budget {budget} sets the budget"]
+    elif target is not None and target >= blocks:
+        notes = [f"--num_target {target} -> no budget ({model_name} has {blocks} gated blocks): no cost term"]
+        if args.gamma is not None:
+            notes.append(f"{weight} {args.gamma} -> unused: no budget, no cost term")
+        return CostSettings("none", None, 0.0, tuple(notes))
+    elif target is not None:
+        budget = budget_from_num_target(target, table)
+        notes = [
+            f"--num_target {target} -> budget {budget:.4f} of dense MACs ({target} of {model_name}'s {blocks} gated "
+            "blocks at their mean cost, plus the always-paid part)"
+        ]
+    else:
+        budget, notes = None, []
+    if budget is not None:
+        if args.gamma is not None:
+            notes.append(f"{weight} {args.gamma} -> starting value of the adaptive gamma (budget {budget:.4f})")
+        return CostSettings("budget", budget, 0.0 if args.gamma is None else args.gamma, tuple(notes))
+    if args.gamma is not None:
+        notes.append(f"{weight} {args.gamma} -> fixed cost weight (no budget)")
+    return CostSettings("fixed", None, 1.0 if args.gamma is None else args.gamma, tuple(notes))
+
+
 def budget_from_num_target(num_target: int, table: dynroute.MacsTable) -> float:
     """The original ``--num_target``: blocks run per sample on average, as a cost fraction of dense.
 
     The original loss pulls the summed run-probability of each sample's gates to ``num_target``;
-    a count at or above the number of blocks asks for the dense network (budget 1.0).
+    here K blocks at their mean cost plus the always-paid part. :func:`resolve_cost_flags` calls
+    it only for K below the number of gated blocks (K at or above it is no budget).
     """
     if num_target < 1:
         raise ValueError(f"--num_target counts blocks run per sample and must be >= 1, but got {num_target}")
@@ -212,27 +318,56 @@ def budget_from_num_target(num_target: int, table: dynroute.MacsTable) -> float:
     return min(1.0, table.fixed_cost() + blocks * float(table.block_costs().mean()))
 
 
+def cli_model_name(args: argparse.Namespace, model: nn.Module) -> str:
+    """The model's name on the command line (``--backbone`` / ``--model``), else its class name."""
+    return getattr(args, "backbone", None) or getattr(args, "model", None) or type(model).__name__
+
+
 def build_criterion(args: argparse.Namespace, model: nn.Module) -> dynroute.CoDiNetLoss | nn.CrossEntropyLoss:
-    """Cross-entropy for ``--dense``, else the CoDiNet objective with the budget the flags ask for."""
+    """Cross-entropy for ``--dense``, else the CoDiNet objective with the cost term the flags ask for."""
     if args.dense:
         return nn.CrossEntropyLoss()
     table = dynroute.macs_table(model)
-    budget = args.budget
-    if budget is None and args.num_target:
-        budget = budget_from_num_target(args.num_target, table)
-    budget_kwargs = {"penalty": args.budget_penalty, "step_size": args.budget_step}
+    cost = resolve_cost_flags(args, table, cli_model_name(args, model))
+    budget_kwargs = {"penalty": args.budget_penalty, "step_size": args.budget_step} if cost.term == "budget" else {}
     return dynroute.CoDiNetLoss(
         table,
         num_views=args.views,
         alpha=args.consistency_weight,
         beta=args.diversity_weight,
-        gamma=args.gamma,
-        target=budget,
+        gamma=cost.gamma,
+        target=cost.budget,
         consistency_margin=args.consistency_margin,
         diversity_margin=args.diversity_margin,
         rate_weight=args.rate_weight,
-        **(budget_kwargs if budget is not None else {}),
+        **budget_kwargs,
     )
+
+
+def record_derived_settings(args: argparse.Namespace, model: nn.Module) -> list[str]:
+    """Store what the flags became in ``args.derived`` (written to args.json); the lines to print at start.
+
+    Raises a ValueError for ``--calibrate-images`` when the flags ask for no budget.
+    """
+    notes = original_flag_notes(args)
+    derived = {
+        "views": args.views,
+        "consistency_weight": args.consistency_weight,
+        "diversity_weight": args.diversity_weight,
+        "router_lr": args.router_lr,
+    }
+    if not args.dense:
+        table = dynroute.macs_table(model)
+        cost = resolve_cost_flags(args, table, cli_model_name(args, model))
+        if args.calibrate_images and cost.term != "budget":
+            raise ValueError(
+                f"--calibrate-images calibrates a budget, but the flags ask for none ({'; '.join(cost.notes)}); "
+                "give a --budget or drop --calibrate-images"
+            )
+        notes += cost.notes
+        derived.update(cost_term=cost.term, budget=cost.budget, gamma=cost.gamma, gated_blocks=table.num_blocks)
+    args.derived = {**derived, "flag_mapping": notes}
+    return notes
 
 
 def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.SGD:
@@ -565,8 +700,12 @@ def run_training(
 
     With ``--calibrate-images N`` the budget is calibrated on N training images under ``eval_transform``.
     """
-    if env.is_main and not args.dense:
-        print(dynroute.macs_table(model))
+    notes = record_derived_settings(args, model)
+    if env.is_main:
+        for note in notes:
+            print(note)
+        if not args.dense:
+            print(dynroute.macs_table(model))
     test_loader = DataLoader(test_set, batch_size=args.test_bs, num_workers=args.workers)
     calibration_set = None
     if args.calibrate_images:

@@ -93,7 +93,9 @@ def build_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset, int, Cal
             "imagefolder, or a train/ folder in it); drop --download, or give a --data-root without train/"
         )
     if image_folder:
-        train_tf = T.Compose([T.Resize(IMAGE_SIZE), T.CenterCrop(IMAGE_SIZE), train_tf])
+        # Once resized to 32 px, an ImageFolder gets the paper's pad-and-crop (SVHN's without the flip).
+        augmentation = "cifar10" if dataset == "imagefolder" else dataset
+        train_tf = T.Compose([T.Resize(IMAGE_SIZE), T.CenterCrop(IMAGE_SIZE), train_transform(augmentation)])
         test_tf = eval_transform(image_size=IMAGE_SIZE)
     views = MultiViewTransform(train_tf, args.views)
     if image_folder:

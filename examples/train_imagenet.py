@@ -73,14 +73,12 @@ def build_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
 
 
 def build_transforms(model: torch.nn.Module, image_size: int) -> tuple[T.Compose, T.Compose]:
-    """Random-resized-crop + flip for training, resize + centre crop for evaluation, timm's normalisation."""
+    """Random resized crops + flip for training, resize + centre crop (crop_pct 0.875) for evaluation; timm's stats."""
     config = model.pretrained_cfg
-    normalize = T.Normalize(
-        config.get("mean", dynroute.training.data.IMAGENET_MEAN), config.get("std", dynroute.training.data.IMAGENET_STD)
-    )
-    train_tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
-    eval_tf = T.Compose([T.Resize(round(image_size / 0.875)), T.CenterCrop(image_size), T.ToTensor(), normalize])
-    return train_tf, eval_tf
+    mean = config.get("mean", dynroute.training.data.IMAGENET_MEAN)
+    std = config.get("std", dynroute.training.data.IMAGENET_STD)
+    train_tf = dynroute.train_transform("imagefolder", image_size, mean=mean, std=std)
+    return train_tf, dynroute.eval_transform(image_size, mean, std, crop_pct=0.875)
 
 
 def main(argv: list[str] | None = None) -> dict:

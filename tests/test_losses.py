@@ -225,3 +225,30 @@ class TestExecutionRate:
     def test_wrong_number_of_rates(self) -> None:
         with pytest.raises(ValueError, match="3 target rates"):
             dynroute.execution_rate_loss(torch.rand(4, 2), torch.tensor([0.1, 0.2, 0.3]))
+
+
+class TestBatchLayout:
+    """The losses need sample-major batches; a view-major one is not detected, so every docstring says so."""
+
+    DOCUMENTED = [
+        dynroute.consistency_loss,
+        dynroute.diversity_loss,
+        dynroute.ConsistencyLoss,
+        dynroute.DiversityLoss,
+        dynroute.CoDiNetLoss,
+    ]
+
+    @pytest.mark.parametrize("loss", DOCUMENTED, ids=[loss.__name__ for loss in DOCUMENTED])
+    def test_docstring_names_the_layout_and_the_one_way_to_build_it(self, loss):
+        doc = " ".join(loss.__doc__.split())
+        assert "sample-major" in doc
+        assert "MultiViewTransform" in doc and "multiview_collate" in doc
+        assert "view-major" in doc and "torch.cat([view1, view2])" in doc
+
+    def test_a_view_major_batch_passes_silently_with_other_values(self):
+        """Two images, each routed the same way in both views: consistency is 0 sample-major, not view-major."""
+        first, second = torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0.0, 1.0, 0.0])
+        sample_major = torch.stack([first, first, second, second])
+        view_major = torch.cat([torch.stack([first, second]), torch.stack([first, second])])  # cat([view1, view2])
+        assert dynroute.consistency_loss(sample_major, num_views=2, margin=0.0).item() == 0.0
+        assert dynroute.consistency_loss(view_major, num_views=2, margin=0.0).item() > 0.0

@@ -133,20 +133,30 @@ class TestBudgetLoss:
         assert budget.gamma.item() == pytest.approx(0.7 + 0.2 * (measured.item() - 0.5), abs=1e-6)
         assert budget.last_measured == pytest.approx(measured.item(), abs=1e-6)
 
-    def test_gamma_never_goes_negative(self) -> None:
-        table = dynroute.macs_table(_routed())
-        budget = dynroute.BudgetLoss(table, target=0.9, step_size=1.0, initial_gamma=0.05)
-        budget.update_gamma(torch.zeros(4, table.num_blocks))  # far under budget: the gap is about -0.9
-        assert budget.gamma.item() == 0.0
-        with pytest.raises(ValueError, match="initial_gamma must be >= 0"):
-            dynroute.BudgetLoss(table, target=0.5, initial_gamma=-0.1)
-
     def test_gamma_is_saved(self) -> None:
         table = dynroute.macs_table(_routed())
         budget = dynroute.BudgetLoss(table, target=0.5, initial_gamma=0.3)
         restored = dynroute.BudgetLoss(table, target=0.5)
         restored.load_state_dict(budget.state_dict())
         assert restored.gamma.item() == pytest.approx(0.3)
+
+    def test_gamma_stops_at_zero(self) -> None:
+        """A batch cheaper than the target lowers gamma to 0, not below; then only the quadratic term pulls."""
+        table = dynroute.macs_table(_routed())
+        budget = dynroute.BudgetLoss(table, target=0.9, penalty=2.0, step_size=0.5, initial_gamma=0.01)
+        skip_all = torch.zeros(4, table.num_blocks)
+        paths = torch.zeros(4, table.num_blocks, requires_grad=True)
+        budget.update_gamma(skip_all)
+        assert 0.01 + 0.5 * (table.fixed_cost() - 0.9) < 0  # the unclamped update would go negative
+        assert budget.gamma.item() == 0.0 and budget.last_measured == pytest.approx(table.fixed_cost())
+        gap = table.fixed_cost() - 0.9
+        assert budget(paths).item() == pytest.approx(0.5 * 2.0 * gap**2, rel=1e-6)
+        assert budget.gamma.item() == 0.0
+
+    @pytest.mark.parametrize("initial_gamma", [-0.1, float("nan")])
+    def test_negative_initial_gamma_is_refused(self, initial_gamma: float) -> None:
+        with pytest.raises(ValueError, match="initial_gamma must be >= 0"):
+            dynroute.BudgetLoss(dynroute.macs_table(_routed()), target=0.5, initial_gamma=initial_gamma)
 
     @pytest.mark.parametrize("target", [0.0, 0.01, 1.5])
     def test_unreachable_target(self, target: float) -> None:
@@ -214,20 +224,21 @@ class TestCoDiNetLoss:
         labels = torch.arange(4).repeat_interleave(views) % 3
         return model(images), labels, dynroute.routing_paths(model)
 
-    def test_total_is_the_weighted_sum(self) -> None:
+    @pytest.mark.parametrize("gamma", [0.5, 0.0], ids=["fixed-gamma", "zero-gamma-leaves-the-cost-out"])
+    def test_total_is_the_weighted_sum(self, gamma: float) -> None:
         model = _routed()
         table = dynroute.macs_table(model)
-        criterion = dynroute.CoDiNetLoss(table, num_views=2, alpha=0.3, beta=0.4, gamma=0.5)
+        criterion = dynroute.CoDiNetLoss(table, num_views=2, alpha=0.3, beta=0.4, gamma=gamma)
         logits, labels, paths = self._forward(model, 2)
         loss, terms = criterion(logits, labels, paths)
         expected = (
             torch.nn.functional.cross_entropy(logits, labels)
             + 0.3 * dynroute.consistency_loss(paths, 2)
             + 0.4 * dynroute.diversity_loss(paths, 2)
-            + 0.5 * dynroute.cost_loss(paths, table.block_costs(), table.fixed_cost())
+            + gamma * dynroute.cost_loss(paths, table.block_costs(), table.fixed_cost())
         )
         assert torch.allclose(loss, expected)
-        assert set(terms) == {"ce", "consistency", "diversity", "cost"}
+        assert set(terms) == {"ce", "consistency", "diversity"} | ({"cost"} if gamma else set())
 
     def test_one_view_leaves_consistency_out(self) -> None:
         model = _routed()
@@ -235,6 +246,17 @@ class TestCoDiNetLoss:
         loss, terms = criterion(*self._forward(model, 1))
         assert "consistency" not in terms and "diversity" in terms
         loss.backward()
+
+    def test_negative_gamma_is_refused(self) -> None:
+        with pytest.raises(ValueError, match="gamma must be >= 0, but got -1.0"):
+            dynroute.CoDiNetLoss(dynroute.macs_table(_routed()), num_views=2, gamma=-1.0)
+
+    def test_labels_not_repeated_per_view_name_the_layout(self) -> None:
+        model = _routed()
+        criterion = dynroute.CoDiNetLoss(dynroute.macs_table(model), num_views=2)
+        logits, labels, paths = self._forward(model, 2)
+        with pytest.raises(ValueError, match=r"labels have 4 rows but logits 8; .*\(L \* M,\) = \(8,\).*2 adjacent "):
+            criterion(logits, labels[0::2], paths)
 
     def test_target_uses_the_adaptive_budget(self) -> None:
         model = _routed()

@@ -1,5 +1,6 @@
 """Retrofit CoDiNet routers onto a ResNet: replace each residual block by a :class:`GatedBlock`."""
 
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -61,6 +62,75 @@ def _find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return blocks
 
 
+# Words in the class names of residual blocks across libraries (BasicBlock, Bottleneck, Bottle2neck, ConvNeXtBlock...).
+_BLOCK_NAME_HINTS = ("Block", "Bottle", "Basic")
+
+
+def _count_layers(module: nn.Module) -> int:
+    """Convolutions and linear layers in ``module`` and below: a residual block has at least two."""
+    return sum(isinstance(child, (nn.modules.conv._ConvNd, nn.Linear)) for child in module.modules())
+
+
+def _unregistered_blocks(model: nn.Module) -> dict[type[nn.Module], list[str]]:
+    """Modules that look like residual blocks but have no adapter, by type, with their dotted names.
+
+    A candidate is a module with at least two convolution or linear layers, of a class not defined
+    in ``torch.nn``, not inside a registered block, that is a child of an ``nn.Sequential`` (a stage)
+    or of a class whose name says block (``Block``, ``Bottle``, ``Basic``). A candidate most of
+    whose layers sit in candidates held by ``nn.Sequential`` containers inside it is a stage and gives
+    way to them; of the rest nested in one another (a block and its squeeze-excitation) the
+    outermost is the block.
+    """
+    candidates: dict[str, int] = {}  # dotted name -> layers
+    in_sequence: set[str] = set()  # candidates that are children of an nn.Sequential
+    modules: dict[str, nn.Module] = {}
+    skipped: list[str] = []  # registered blocks: what is inside them is theirs
+    for parent_name, parent in model.named_modules():
+        if any(parent_name == name or parent_name.startswith(name + ".") for name in skipped):
+            continue
+        for child_name, child in parent.named_children():
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            if get_adapter(child) is not None:
+                skipped.append(name)
+                continue
+            kind = type(child)
+            if kind.__module__.startswith("torch.nn") or name in candidates:
+                continue
+            sequence = isinstance(parent, nn.Sequential)
+            layers = _count_layers(child)
+            if layers >= 2 and (sequence or any(hint in kind.__name__ for hint in _BLOCK_NAME_HINTS)):
+                candidates[name], modules[name] = layers, child
+                if sequence:
+                    in_sequence.add(name)
+
+    def inside(name: str, outer: str) -> bool:
+        return name.startswith(outer + ".")
+
+    def outermost(names: list[str]) -> list[str]:
+        return [name for name in names if not any(inside(name, outer) for outer in names)]
+
+    def held_by_sequences(outer: str) -> int:
+        return sum(
+            candidates[name] for name in outermost([n for n in candidates if inside(n, outer)]) if name in in_sequence
+        )
+
+    stages = {outer for outer in candidates if 2 * held_by_sequences(outer) > candidates[outer]}
+    found: dict[type[nn.Module], list[str]] = {}
+    for name in outermost([name for name in candidates if name not in stages]):
+        found.setdefault(type(modules[name]), []).append(name)
+    return found
+
+
+def _describe_unregistered(found: dict[type[nn.Module], list[str]]) -> str:
+    """``timm.models.res2net.Bottle2neck (16 blocks: 'layer1.0', 'layer1.1', ...)`` for each type found."""
+    parts = []
+    for kind, names in found.items():
+        shown = ", ".join(repr(name) for name in names[:2]) + (", ..." if len(names) > 2 else "")
+        count = f"{len(names)} block{'s' if len(names) > 1 else ''}"
+        parts.append(f"{kind.__module__}.{kind.__qualname__} ({count}: {shown})")
+    return "; ".join(parts)
+
+
 def _check_input(model: nn.Module, args: tuple) -> None:
     """Forward pre-hook of a converted model: unbatched or empty input fails before the stem, naming the fix."""
     if args and isinstance(args[0], Tensor):
@@ -92,7 +162,12 @@ def convert_resnet(
 
     Works on timm and torchvision ResNets (and ResNeXts, wide and SE/ECA variants) and on
     :mod:`dynroute.models` CIFAR ResNets; other blocks can be taught with
-    :func:`dynroute.register_block`. The forward signature and outputs are unchanged; with every
+    :func:`dynroute.register_block`. A model whose residual-looking blocks (children of its
+    ``nn.Sequential`` stages, or classes named ``*Block*`` / ``*Bottle*`` / ``*Basic*``) are all of
+    unknown types is a TypeError naming those types; blocks of unknown types next to supported
+    ones are left dense, with a warning naming them.
+
+    The forward signature and outputs are unchanged; with every
     gate forced open (:func:`dynroute.force_gates`) the logits are the original's. The ``state_dict``
     keeps the original's keys and adds ``<block>.router.*``: load the original's weights with
     :func:`dynroute.load_dense_state_dict` (a strict ``load_state_dict`` misses the router keys).
@@ -122,10 +197,29 @@ def convert_resnet(
         raise TypeError(f"model must be a torch.nn.Module, but got {type(model).__name__}")
     found = _find_blocks(model)
     if not found:
+        unregistered = _unregistered_blocks(model)
+        if unregistered:
+            example = next(iter(unregistered)).__name__
+            raise TypeError(
+                f"{type(model).__name__} has no supported residual blocks; it has blocks of types dynroute does not "
+                f"know: {_describe_unregistered(unregistered)}. Supported: {_supported_names()}. Teach the converter "
+                f"each type with dynroute.register_block({example}, dynroute.BlockAdapter(residual=..., "
+                "shortcut=..., activation=..., in_channels=...)), which says how the block splits into residual "
+                "branch, shortcut and final activation (docs/how-to/new-block.md)"
+            )
         raise TypeError(
-            f"{type(model).__name__} has no supported residual blocks; supported: "
-            f"{_supported_names()}. "
+            f"{type(model).__name__} has no supported residual blocks, and no module that looks like one; "
+            f"supported: {_supported_names()}. "
             "Teach the converter yours with dynroute.register_block(BlockType, dynroute.BlockAdapter(...))"
+        )
+    unregistered = _unregistered_blocks(model)
+    if unregistered:
+        warnings.warn(
+            f"convert_resnet gates the supported blocks of {type(model).__name__} but leaves these dense, being of "
+            f"types dynroute does not know: {_describe_unregistered(unregistered)}. To gate them too, "
+            f"register each type first with dynroute.register_block({next(iter(unregistered)).__name__}, "
+            "dynroute.BlockAdapter(...)) (docs/how-to/new-block.md)",
+            stacklevel=2,
         )
     selected = _select(found, blocks)
     if not selected:

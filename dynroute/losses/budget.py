@@ -76,8 +76,11 @@ class BudgetLoss(nn.Module):
         check_target(target, fixed)
         if penalty < 0 or step_size < 0:
             raise ValueError(f"penalty and step_size must be >= 0, but got {penalty} and {step_size}")
-        if not initial_gamma >= 0:  # NaN too
-            raise ValueError(f"initial_gamma must be >= 0 (a negative gamma rewards cost), but got {initial_gamma}")
+        if not initial_gamma >= 0:  # NaN fails too
+            raise ValueError(
+                f"initial_gamma must be >= 0, but got {initial_gamma}; a negative cost weight rewards cost "
+                "(a network under the target is pulled up by the quadratic term)"
+            )
         self.register_buffer("block_costs", table.block_costs(), persistent=False)
         self.register_buffer("gamma", torch.tensor(float(initial_gamma)))
         self.fixed_cost = fixed

@@ -26,7 +26,15 @@ class CoDiNetLoss(nn.Module):
     image apart in the diversity term.
 
     The cost term is :class:`BudgetLoss` (adaptive gamma) when ``target`` is set, else
-    ``gamma * CostLoss`` (Eq. 11 with a fixed weight).
+    ``gamma * CostLoss`` (Eq. 11 with a fixed weight); ``gamma=0`` without a target leaves it out.
+
+    The batch must be sample-major: the M views of each sample in adjacent rows, logits, labels and
+    paths alike, with each label repeated for its sample's views. Build it with
+    :class:`dynroute.MultiViewTransform` as the dataset's transform and
+    ``DataLoader(..., collate_fn=dynroute.multiview_collate)``, and pass the images and labels as
+    the loader yields them. A view-major batch (``torch.cat([view1, view2])``, labels
+    ``labels.repeat(2)``) has the same shapes and cannot be detected: consistency would pull the paths
+    of different images together and diversity push the views of one image apart.
 
     Fallbacks, so the same loop runs everywhere: with ``num_views=1`` the consistency term is
     left out (it compares views of one sample, and there is only one); when the paths carry no
@@ -45,8 +53,8 @@ class CoDiNetLoss(nn.Module):
         num_views: M, views per sample in the batch.
         alpha: consistency weight.
         beta: diversity weight.
-        gamma: the cost weight: fixed (default 1.0) without ``target``, the starting value of the
-            adaptive gamma (default 0.0) with one.
+        gamma: the cost weight, >= 0: fixed (default 1.0; 0 leaves the cost term out) without
+            ``target``, the starting value of the adaptive gamma (default 0.0) with one.
         target: budget as a fraction of dense MACs; enables the adaptive gamma.
         consistency_margin: m_c of Eq. 8.
         diversity_margin: m_d of Eq. 9.
@@ -77,6 +85,8 @@ class CoDiNetLoss(nn.Module):
         **budget_kwargs: float,
     ) -> None:
         super().__init__()
+        if gamma is not None and not gamma >= 0:  # NaN fails too
+            raise ValueError(f"gamma must be >= 0, but got {gamma}; a negative cost weight rewards cost")
         if target is None:
             self.cost: nn.Module = CostLoss(table)
             gamma = 1.0 if gamma is None else gamma
@@ -98,10 +108,18 @@ class CoDiNetLoss(nn.Module):
         """Total loss and its terms as floats (for logging).
 
         Args:
-            logits: class logits (L * M, classes).
-            labels: (L * M,) labels, repeated per view.
+            logits: class logits (L * M, classes), sample-major.
+            labels: (L * M,) labels, each repeated for its sample's M views, as
+                :func:`dynroute.multiview_collate` returns them.
             paths: ``dynroute.routing_paths(model)`` of that forward, (L * M, n_blocks).
         """
+        if labels.shape[0] != logits.shape[0]:
+            raise ValueError(
+                f"labels have {labels.shape[0]} rows but logits {logits.shape[0]}; CoDiNetLoss expects one label per "
+                f"row, labels of shape (L * M,) = ({logits.shape[0]},) with each sample's label repeated for its "
+                f"{self.num_views} adjacent views, as dynroute.multiview_collate returns them: pass the labels of "
+                "the loader's batch as they are"
+            )
         if paths.shape[0] != logits.shape[0]:
             raise ValueError(
                 f"paths have {paths.shape[0]} rows but logits {logits.shape[0]}; pass dynroute.routing_paths(model) "
@@ -128,8 +146,10 @@ class CoDiNetLoss(nn.Module):
         if isinstance(self.cost, BudgetLoss):
             cost = self.cost(paths)
             terms["gamma"] = self.cost.gamma.item()
-        else:
+        elif self.gamma:
             cost = self.gamma * self.cost(paths)
+        else:
+            return loss, terms
         loss = loss + cost
         terms["cost"] = cost.item()
         return loss, terms

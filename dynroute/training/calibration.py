@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from dynroute._progress import progress_bar
 from dynroute._validation import check_target
 from dynroute.analysis.metrics import collect_for_macs
 from dynroute.conversion.flops import MacsTable, macs_table
@@ -31,6 +32,7 @@ def calibrate_budget(
     max_passes: int = 16,
     max_batches: int | None = None,
     table: MacsTable | None = None,
+    progress: bool | None = None,
 ) -> float:
     """Move every router's decision offset by one shared shift so the eval-mode cost over ``loader`` meets ``target``.
 
@@ -50,6 +52,8 @@ def calibrate_budget(
         max_passes: most passes over the loader.
         max_batches: use only this many batches of the loader.
         table: the MAC table of the loader's image size; default :func:`dynroute.macs_table` (model).
+        progress: show tqdm progress bars, one over the passes and one over each pass's batches;
+            None (default) shows them when stderr is a terminal.
 
     Returns:
         The cost fraction measured at the shift kept: the closest to the target seen (with ``at_most``,
@@ -71,7 +75,14 @@ def calibrate_budget(
 
     def cost_at(shift: float) -> float:
         set_shift(shift)
-        return collect_for_macs(model, loader, max_batches=max_batches, table=table).macs().fraction
+        desc = f"calibrate pass {len(measured) + 1}"
+        record = collect_for_macs(
+            model, loader, max_batches=max_batches, table=table, progress=progress, desc=desc, leave=False
+        )
+        cost = record.macs().fraction
+        passes.update()
+        passes.set_postfix(shift=f"{shift:+.3f}", cost=f"{cost:.4f}", target=target)
+        return cost
 
     def closest() -> float:
         allowed = [shift for shift in measured if not at_most or measured[shift] <= target]
@@ -82,6 +93,7 @@ def calibrate_budget(
         return abs(cost - target) <= tolerance and (not at_most or cost <= target)
 
     measured: dict[float, float] = {}
+    passes = progress_bar(total=max_passes, progress=progress, desc="calibrate", unit="pass")
     try:
         measured[0.0] = cost_at(0.0)
         # Bracket the target (a larger shift opens more gates), doubling the step until the cost
@@ -97,4 +109,5 @@ def calibrate_budget(
                 short_of, step = shift, 2 * step
     finally:  # keep the best shift found, the trained offsets if nothing was measured
         set_shift(closest() if measured else 0.0)
+        passes.close()
     return measured[closest()]
