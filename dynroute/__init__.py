@@ -23,6 +23,7 @@ from dynroute.conversion import adapters as _adapters  # noqa: F401  (registers 
 from dynroute.conversion.convert import convert_resnet
 from dynroute.conversion.flops import MacsTable, build_macs_table, count_macs, macs_table
 from dynroute.conversion.registry import BlockAdapter, get_adapter, register_block, registered_block_types
+from dynroute.export.pretrained import from_pretrained, push_to_hub, save_pretrained
 from dynroute.export.program import WithPaths, export_program
 from dynroute.layers.gated_block import GatedBlock
 from dynroute.layers.router import Router, hard_gate, relaxed_gate
@@ -93,6 +94,9 @@ __all__ = [
     # deployment
     "WithPaths",
     "export_program",
+    "save_pretrained",
+    "from_pretrained",
+    "push_to_hub",
     # analytics
     "RoutingRecord",
     "MacsDistribution",

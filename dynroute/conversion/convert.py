@@ -1,6 +1,7 @@
 """Retrofit CoDiNet routers onto a ResNet: replace each residual block by a :class:`GatedBlock`."""
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
@@ -10,11 +11,27 @@ from dynroute.conversion.flops import attach_macs_table, build_macs_table, first
 from dynroute.conversion.registry import get_adapter, registered_block_types
 from dynroute.layers.gated_block import GatedBlock
 from dynroute.layers.router import Router
+from dynroute.layers.routing import unwrap_model
 from dynroute.layers.stage import adopt_stage
 
 __all__ = ["convert_resnet"]
 
 BlockSelector = str | Iterable[str] | Callable[[str, nn.Module], bool]
+
+_ROUTER_SETTINGS_ATTRIBUTE = "_dynroute_router_settings"
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    """How :func:`convert_resnet` built a model's routers: ``router_layer(in_channels, **kwargs)`` per block."""
+
+    router_layer: type[nn.Module]
+    kwargs: dict[str, Any]
+
+
+def router_settings(model: nn.Module) -> RouterSettings | None:
+    """The router settings ``model`` (or its DDP / compile wrapper) was converted with, or None if not converted."""
+    return getattr(unwrap_model(model), _ROUTER_SETTINGS_ATTRIBUTE, None)
 
 
 def _default_input_size(model: nn.Module) -> tuple[int, int, int]:
@@ -85,6 +102,7 @@ def convert_resnet(
     model: nn.Module,
     input_size: tuple[int, int, int] | None = None,
     blocks: BlockSelector | None = None,
+    router_layer: type[nn.Module] = Router,
     **router_kwargs: Any,
 ) -> nn.Module:
     """Give each residual block of ``model`` a router, in place, and measure its MAC table.
@@ -102,7 +120,9 @@ def convert_resnet(
             except for timm models, which default to their own.
         blocks: which residual blocks to gate: a dotted name (``"layer1.0"``), an iterable of
             them, or a predicate ``(name, block) -> bool``; default all.
-        **router_kwargs: passed to every :class:`Router` (``rd_ratio``, ``temperature``,
+        router_layer: the router class, built as ``router_layer(in_channels, **router_kwargs)`` for each
+            gated block; default :class:`Router`.
+        **router_kwargs: passed to every router (for :class:`Router`: ``rd_ratio``, ``temperature``,
             ``relaxation``, ``init_open_prob``, ...).
 
     Returns:
@@ -132,7 +152,7 @@ def convert_resnet(
     try:
         for name, block in selected:
             adapter = get_adapter(block)
-            router = Router(adapter.in_channels(block), **router_kwargs)
+            router = router_layer(adapter.in_channels(block), **router_kwargs)
             parameter = next(block.parameters(), None)
             if parameter is not None:
                 router.to(device=parameter.device, dtype=parameter.dtype)
@@ -145,6 +165,7 @@ def convert_resnet(
             adopt_stage(parent)
         hook = model.register_forward_pre_hook(_check_input)
         attach_macs_table(model, build_macs_table(model, input_size))
+        object.__setattr__(model, _ROUTER_SETTINGS_ATTRIBUTE, RouterSettings(router_layer, dict(router_kwargs)))
     except BaseException:
         _restore(replaced, hook)
         raise
