@@ -1,9 +1,11 @@
 import importlib.util
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
 from torch import nn
@@ -47,6 +49,28 @@ class TestExecutedPages:
     def test_new_block(self, monkeypatch, tmp_path):
         namespace = run_page("how-to/new-block.md", monkeypatch, tmp_path)
         assert namespace["model"].blocks[0].__class__.__name__ == "GatedBlock"
+
+    @pytest.mark.slow
+    def test_save_and_share(self, monkeypatch, tmp_path):
+        """The page runs offline: huggingface_hub's upload and download go to a folder standing in for the Hub."""
+        hub = tmp_path / "hub"
+
+        def upload_folder(self, *, repo_id, folder_path, **kwargs):
+            shutil.copytree(folder_path, hub / repo_id)
+
+        monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kwargs: None)
+        monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+        monkeypatch.setattr(
+            huggingface_hub, "hf_hub_download", lambda repo_id, name, **kwargs: str(hub / repo_id / name)
+        )
+        namespace = run_page("how-to/save-and-share.md", monkeypatch, tmp_path)
+        assert {path.name for path in (tmp_path / "resnet20-routed").iterdir()} == {
+            "config.json",
+            "pytorch_model.bin",
+            "README.md",
+        }
+        assert (hub / "your-name" / "resnet20-routed" / "config.json").exists()
+        assert namespace["result"].images == 16 and namespace["model"].dynroute_config["metadata"]["top1"] >= 0
 
     @pytest.mark.slow
     @pytest.mark.skipif(importlib.util.find_spec("sklearn") is None, reason="needs the plots extra")
