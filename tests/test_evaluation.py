@@ -130,4 +130,4 @@ class TestInput:
         assert capsys.readouterr().err == ""
         dynroute.evaluate(model, loader, progress=True)
         captured = capsys.readouterr()
-        assert "evaluate" in captured.err and "2/2" in captured.err and captured.out == ""
+        assert "evaluate" in captured.err and "/2" in captured.err and captured.out == ""  # the bar with its total
