@@ -4,6 +4,7 @@ from dynroute import models
 from dynroute._version import __version__
 from dynroute.analysis import plots
 from dynroute.analysis.accounting import count_distinct_paths, forward_macs, hard_paths, macs_fraction, sample_macs
+from dynroute.analysis.evaluation import Evaluation, evaluate
 from dynroute.analysis.metrics import (
     AugmentationAgreement,
     MacsDistribution,
@@ -20,8 +21,9 @@ from dynroute.analysis.metrics import (
 from dynroute.analysis.summary import RoutingSummary, summary
 from dynroute.conversion import adapters as _adapters  # noqa: F401  (registers the supported block families)
 from dynroute.conversion.convert import convert_resnet
-from dynroute.conversion.flops import MacsTable, build_macs_table, macs_table
+from dynroute.conversion.flops import MacsTable, build_macs_table, count_macs, macs_table
 from dynroute.conversion.registry import BlockAdapter, get_adapter, register_block, registered_block_types
+from dynroute.export.pretrained import from_pretrained, push_to_hub, save_pretrained
 from dynroute.export.program import WithPaths, export_program
 from dynroute.layers.gated_block import GatedBlock
 from dynroute.layers.router import Router, hard_gate, relaxed_gate
@@ -86,6 +88,7 @@ __all__ = [
     "CoDiNetLoss",
     # MACs
     "MacsTable",
+    "count_macs",
     "build_macs_table",
     "macs_table",
     "sample_macs",
@@ -108,6 +111,9 @@ __all__ = [
     # deployment
     "WithPaths",
     "export_program",
+    "save_pretrained",
+    "from_pretrained",
+    "push_to_hub",
     # analytics
     "RoutingRecord",
     "MacsDistribution",
@@ -122,4 +128,6 @@ __all__ = [
     "augmentation_agreement",
     "RoutingSummary",
     "summary",
+    "Evaluation",
+    "evaluate",
 ]

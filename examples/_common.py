@@ -24,7 +24,6 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
 import dynroute
-from dynroute.conversion.flops import count_macs
 
 # Per-epoch means written to the CSV log; a term a stage does not compute is NaN.
 LOGGED_TERMS = ("ce", "consistency", "diversity", "gamma", "cost", "train_macs", "distill")
@@ -424,48 +423,11 @@ def make_train_loader(dataset: Dataset, args: argparse.Namespace, env: Distribut
     )
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, max_batches: int | None = None, progress: bool = True) -> dict:
-    """Top-1 accuracy, average MACs (and fraction of dense) and distinct paths over ``loader``.
-
-    A routed model runs with hard decisions and really skips blocks; each batch's MACs are counted
-    with ``dynroute.forward_macs``, which raises if the images are not of the MAC table's size. A
-    dense one is counted with fvcore. ``seconds`` is the wall time of the pass (data loading included).
-    """
-    model.eval()
-    routed = any(True for _ in dynroute.gated_blocks(model))
-    correct = total = 0
-    paths: list[Tensor] = []
-    sample_macs: list[Tensor] = []
-    device = next(model.parameters()).device
+    """:func:`dynroute.evaluate` as a dict, plus ``seconds``: the wall time of the pass, data loading included."""
     start = time.perf_counter()
-    batches = tqdm(loader, desc="eval", leave=False, disable=not progress)
-    for index, (images, labels) in enumerate(batches):
-        if max_batches is not None and index >= max_batches:
-            break
-        logits = model(images.to(device))
-        correct += (logits.argmax(1).cpu() == labels).sum().item()
-        total += labels.numel()
-        if routed:
-            paths.append(dynroute.routing_paths(model).cpu())
-            sample_macs.append(dynroute.forward_macs(model).cpu())
-    seconds = time.perf_counter() - start
-    input_size = tuple(images.shape[1:])
-    if routed:
-        macs, dense = torch.cat(sample_macs).mean().item(), dynroute.macs_table(model).dense_macs
-        distinct = dynroute.count_distinct_paths(torch.cat(paths))
-    else:
-        macs = dense = count_macs(model, input_size).total()
-        distinct = 1
-    return {
-        "top1": 100.0 * correct / max(total, 1),
-        "images": total,
-        "macs": macs,
-        "dense_macs": dense,
-        "macs_fraction": macs / dense,
-        "distinct_paths": distinct,
-        "seconds": seconds,
-    }
+    result = dynroute.evaluate(model, loader, max_batches=max_batches, progress=progress)
+    return {**asdict(result), "seconds": time.perf_counter() - start}
 
 
 @dataclass

@@ -1,5 +1,6 @@
 import importlib.util
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -7,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
 import torchvision
@@ -130,6 +132,31 @@ def check_custom_loop(namespace: dict, tmp_path: Path) -> None:
     assert len(images) == len(labels) == 2 * namespace["loader"].batch_size, "labels once per view"
 
 
+def check_save_and_share(namespace: dict, tmp_path: Path) -> None:
+    assert {path.name for path in (tmp_path / "resnet20-routed").iterdir()} == {
+        "config.json",
+        "pytorch_model.bin",
+        "README.md",
+    }
+    assert (tmp_path / "hub" / "your-name" / "resnet20-routed" / "config.json").exists()
+    assert namespace["result"].images == 16 and namespace["model"].dynroute_config["metadata"]["top1"] >= 0
+
+
+def offline_hub(monkeypatch, tmp_path: Path) -> None:
+    """huggingface_hub's upload and download go to a folder standing in for the Hub: the page runs offline."""
+    hub = tmp_path / "hub"
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        shutil.copytree(folder_path, hub / repo_id)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kwargs: None)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo_id, name, **kwargs: str(hub / repo_id / name))
+
+
+# What a page needs set up before it runs (beyond stand-ins for the reader's objects).
+SETUPS: dict[str, Callable] = {"docs/how-to/save-and-share.md": offline_hub}
+
 CHECKS: dict[str, Callable[[dict, Path], None]] = {
     "docs/getting-started.md": check_getting_started,
     "docs/how-to/fast-inference.md": check_fast_inference,
@@ -137,6 +164,7 @@ CHECKS: dict[str, Callable[[dict, Path], None]] = {
     "docs/how-to/analytics.md": check_analytics,
     "docs/training.md": check_training,
     "docs/how-to/custom-loop.md": check_custom_loop,
+    "docs/how-to/save-and-share.md": check_save_and_share,
 }
 
 # Pages that need an optional extra, and a module of it.
@@ -157,6 +185,8 @@ class TestExecutedPages:
         extra, module = NEEDS_EXTRA.get(page, (None, "dynroute"))
         if importlib.util.find_spec(module) is None:
             pytest.skip(f"needs the {extra} extra")
+        if page in SETUPS:
+            SETUPS[page](monkeypatch, tmp_path)
         torch.manual_seed(0)
         namespace = run_page(page, monkeypatch, tmp_path, STAND_INS.get(page, dict)())
         if page in CHECKS:
@@ -176,7 +206,7 @@ class TestExecutedPages:
         assert all(block.skip_reason for block in blocks if block.skip_reason is not None), "a marker needs a reason"
 
     def test_stand_ins_and_checks_name_pages_with_code(self):
-        assert set(STAND_INS) | set(CHECKS) <= set(pages_with_code())
+        assert set(STAND_INS) | set(CHECKS) | set(SETUPS) <= set(pages_with_code())
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 import warnings
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
@@ -11,11 +12,27 @@ from dynroute.conversion.flops import attach_macs_table, build_macs_table, first
 from dynroute.conversion.registry import get_adapter, registered_block_types
 from dynroute.layers.gated_block import GatedBlock
 from dynroute.layers.router import Router
+from dynroute.layers.routing import unwrap_model
 from dynroute.layers.stage import adopt_stage
 
 __all__ = ["convert_resnet"]
 
 BlockSelector = str | Iterable[str] | Callable[[str, nn.Module], bool]
+
+_ROUTER_SETTINGS_ATTRIBUTE = "_dynroute_router_settings"
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    """How :func:`convert_resnet` built a model's routers: ``router_layer(in_channels, **kwargs)`` per block."""
+
+    router_layer: type[nn.Module]
+    kwargs: dict[str, Any]
+
+
+def router_settings(model: nn.Module) -> RouterSettings | None:
+    """The router settings ``model`` (or its DDP / compile wrapper) was converted with, or None if not converted."""
+    return getattr(unwrap_model(model), _ROUTER_SETTINGS_ATTRIBUTE, None)
 
 
 def _default_input_size(model: nn.Module) -> tuple[int, int, int]:
@@ -243,6 +260,7 @@ def convert_resnet(
             adopt_stage(parent)
         hook = model.register_forward_pre_hook(_check_input)
         attach_macs_table(model, build_macs_table(model, input_size))
+        object.__setattr__(model, _ROUTER_SETTINGS_ATTRIBUTE, RouterSettings(router_layer, dict(router_kwargs)))
     except BaseException:
         _restore(replaced, hook)
         raise

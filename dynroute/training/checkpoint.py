@@ -1,4 +1,7 @@
-"""Checkpoints of routed models (weights and stage) and dense weights loaded into a converted model."""
+"""Training checkpoints of routed models (weights and stage) and dense weights loaded into a converted model.
+
+The deployable artifact, which rebuilds the model by itself, is :func:`dynroute.save_pretrained`'s.
+"""
 
 import os
 from collections.abc import Iterable, Mapping
@@ -82,8 +85,18 @@ def load_dense_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) ->
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra: Any) -> None:
     """Save a model's ``state_dict`` and stage, plus ``extra`` entries (optimizer state, epoch...).
 
+    A training checkpoint, to resume from: it holds weights, not what builds the model, so it loads
+    with :func:`load_checkpoint` into a model you build and convert as before. The loss's state is
+    not in the model: pass ``criterion=criterion.state_dict()`` to keep the budget controller's gamma
+    (``cost.gamma`` of :class:`dynroute.CoDiNetLoss`) and restore it with
+    ``criterion.load_state_dict(extra["criterion"])``. For the deployable artifact that rebuilds the
+    model by itself use :func:`dynroute.save_pretrained`.
+
     DDP and torch.compile wrappers are unwrapped, so the keys are the model's own. A model without gated blocks (a
     dense baseline) is saved with stage None.
+
+    Example:
+        >>> dynroute.save_checkpoint("last.pt", model, epoch=epoch, criterion=criterion.state_dict())
     """
     model = unwrap_model(model)
     stage = get_stage(model) if any(True for _ in gated_blocks(model)) else None
