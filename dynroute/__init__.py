@@ -23,7 +23,7 @@ from dynroute.conversion.convert import convert_resnet
 from dynroute.conversion.flops import MacsTable, build_macs_table, macs_table
 from dynroute.conversion.registry import BlockAdapter, get_adapter, register_block, registered_block_types
 from dynroute.export.program import WithPaths, export_program
-from dynroute.layers.gated_block import GatedBlock
+from dynroute.layers.gated_block import GatedBlock, gated_residual
 from dynroute.layers.router import Router, hard_gate, relaxed_gate
 from dynroute.layers.routing import force_gates, gated_blocks, routing_logits, routing_paths, set_execution
 from dynroute.layers.stage import GatedSequential
@@ -42,6 +42,7 @@ __all__ = [
     # layers
     "Router",
     "GatedBlock",
+    "gated_residual",
     "GatedSequential",
     "relaxed_gate",
     "hard_gate",
