@@ -280,6 +280,34 @@ class TestAgainstReference:
         model.layer2[1].router = ChannelRouter()
         _assert_same_forward(model, _reference(model), images(16))
 
+    @pytest.mark.parametrize("batch", [1, 16])
+    def test_static_routers(self, batch):
+        torch.manual_seed(0)
+        model = dynroute.convert_resnet(CifarResNet(3), input_size=(3, 32, 32), router_layer=dynroute.StaticRouter)
+        with torch.no_grad():
+            for _, block in dynroute.gated_blocks(model.eval()):
+                block.router.logits.normal_()
+        with torch.inference_mode():
+            model(images(batch))
+        paths = dynroute.routing_paths(model)
+        assert 0 < paths.mean() < 1, "some blocks must run and some skip"
+        _assert_same_forward(model, _reference(model), images(batch, seed=5))
+
+    @pytest.mark.parametrize("batch", [1, 16])
+    def test_decision_offsets(self, batch):
+        """The offset moves the run bias that the fast path reads at every forward, not a copy taken before."""
+        model, x = routed_model(blocks_per_stage=3), images(batch, seed=5)
+        reference = _reference(model)
+        with torch.inference_mode():
+            model(x)
+        paths = [dynroute.routing_paths(model)]
+        for offset in (-1.5, 2.0):
+            for network in (model, reference):
+                dynroute.set_decision_offset(network, offset)
+            _assert_same_forward(model, reference, x)
+            paths.append(dynroute.routing_paths(model))
+        assert not torch.equal(paths[1], paths[0]) and not torch.equal(paths[2], paths[0]), "offsets must change paths"
+
     def test_hooks_on_a_stage_see_untouched_tensors(self):
         model = routed_model(blocks_per_stage=3)
         reference = _reference(model)
