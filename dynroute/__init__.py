@@ -25,7 +25,7 @@ from dynroute.conversion.flops import MacsTable, build_macs_table, count_macs, m
 from dynroute.conversion.registry import BlockAdapter, get_adapter, register_block, registered_block_types
 from dynroute.export.pretrained import from_pretrained, push_to_hub, save_pretrained
 from dynroute.export.program import WithPaths, export_program
-from dynroute.layers.gated_block import GatedBlock
+from dynroute.layers.gated_block import GatedBlock, gated_residual
 from dynroute.layers.router import Router, hard_gate, relaxed_gate
 from dynroute.layers.routing import (
     force_gates,
@@ -56,6 +56,7 @@ __all__ = [
     "Router",
     "StaticRouter",
     "GatedBlock",
+    "gated_residual",
     "GatedSequential",
     "relaxed_gate",
     "hard_gate",
