@@ -4,6 +4,7 @@ from dynroute import models
 from dynroute._version import __version__
 from dynroute.analysis import plots
 from dynroute.analysis.accounting import count_distinct_paths, forward_macs, hard_paths, macs_fraction, sample_macs
+from dynroute.analysis.evaluation import Evaluation, evaluate
 from dynroute.analysis.metrics import (
     AugmentationAgreement,
     MacsDistribution,
@@ -20,17 +21,29 @@ from dynroute.analysis.metrics import (
 from dynroute.analysis.summary import RoutingSummary, summary
 from dynroute.conversion import adapters as _adapters  # noqa: F401  (registers the supported block families)
 from dynroute.conversion.convert import convert_resnet
-from dynroute.conversion.flops import MacsTable, build_macs_table, macs_table
+from dynroute.conversion.flops import MacsTable, build_macs_table, count_macs, macs_table
 from dynroute.conversion.registry import BlockAdapter, get_adapter, register_block, registered_block_types
+from dynroute.export.pretrained import from_pretrained, push_to_hub, save_pretrained
 from dynroute.export.program import WithPaths, export_program
-from dynroute.layers.gated_block import GatedBlock
+from dynroute.layers.gated_block import GatedBlock, gated_residual
 from dynroute.layers.router import Router, hard_gate, relaxed_gate
-from dynroute.layers.routing import force_gates, gated_blocks, routing_logits, routing_paths, set_execution
+from dynroute.layers.routing import (
+    force_gates,
+    gated_blocks,
+    routing_decisions,
+    routing_logits,
+    routing_paths,
+    set_decision_offset,
+    set_execution,
+)
 from dynroute.layers.stage import GatedSequential
+from dynroute.layers.static_router import StaticRouter
 from dynroute.losses.budget import BudgetLoss
 from dynroute.losses.cost import CostLoss, cost_loss, path_costs
 from dynroute.losses.objective import CoDiNetLoss
 from dynroute.losses.path import ConsistencyLoss, DiversityLoss, consistency_loss, diversity_loss
+from dynroute.losses.rate import ExecutionRateLoss, execution_rate_loss
+from dynroute.training.calibration import calibrate_budget
 from dynroute.training.checkpoint import load_checkpoint, load_dense_state_dict, save_checkpoint
 from dynroute.training.data import MultiViewTransform, eval_transform, multiview_collate, train_transform
 from dynroute.training.stages import block_parameters, get_stage, router_parameters, set_stage
@@ -41,7 +54,9 @@ __all__ = [
     "plots",
     # layers
     "Router",
+    "StaticRouter",
     "GatedBlock",
+    "gated_residual",
     "GatedSequential",
     "relaxed_gate",
     "hard_gate",
@@ -57,6 +72,8 @@ __all__ = [
     "set_execution",
     "routing_paths",
     "routing_logits",
+    "routing_decisions",
+    "set_decision_offset",
     # losses
     "ConsistencyLoss",
     "DiversityLoss",
@@ -65,10 +82,14 @@ __all__ = [
     "diversity_loss",
     "cost_loss",
     "path_costs",
+    "ExecutionRateLoss",
+    "execution_rate_loss",
     "BudgetLoss",
+    "calibrate_budget",
     "CoDiNetLoss",
     # MACs
     "MacsTable",
+    "count_macs",
     "build_macs_table",
     "macs_table",
     "sample_macs",
@@ -91,6 +112,9 @@ __all__ = [
     # deployment
     "WithPaths",
     "export_program",
+    "save_pretrained",
+    "from_pretrained",
+    "push_to_hub",
     # analytics
     "RoutingRecord",
     "MacsDistribution",
@@ -105,4 +129,6 @@ __all__ = [
     "augmentation_agreement",
     "RoutingSummary",
     "summary",
+    "Evaluation",
+    "evaluate",
 ]

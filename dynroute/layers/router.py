@@ -7,15 +7,11 @@ reparameterized Gumbel-softmax (Eq. 7); in eval it is the deterministic argmax (
 """
 
 import math
-from collections.abc import Callable
-from functools import partial
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from dynroute.layers.hooks import has_global_forward_hooks, runs_as_stock, runs_own_forward, torch_forward
 
 __all__ = ["Router", "relaxed_gate", "hard_gate"]
 
@@ -53,52 +49,50 @@ def hard_decision(logits: Tensor) -> Tensor:
     return logits.argmax(1)
 
 
-def decides_to_run(skip: float, run: float) -> bool:
-    """:func:`hard_decision` of one sample's two logits as Python floats, by the same rule, without a tensor op."""
-    return run > skip or (run != run and skip == skip)  # x != x: x is NaN
-
-
 def hard_gate(logits: Tensor) -> Tensor:
     """Deterministic decision u_k = argmax(U_k) of Eq. 13, shape (N, 2) -> (N,) float32 of 0/1."""
     return hard_decision(logits).float()
 
 
-# torch's own forwards of the layers the router may run as bare ops. A class patched before this import
-# has no entry; one patched after it fails the identity check in runs_as_stock.
-_LINEAR_FORWARD = torch_forward(nn.Linear)
-_RELU_FORWARD = torch_forward(nn.ReLU)
+def check_gate_settings(temperature: float, relaxation: str, init_open_prob: float) -> None:
+    """Raise a ValueError naming the bad value unless the settings every router shares are valid."""
+    if not 0.0 < init_open_prob < 1.0:
+        raise ValueError(f"init_open_prob must lie strictly between 0 and 1, but got {init_open_prob}")
+    if not temperature > 0:  # NaN too
+        raise ValueError(f"temperature must be positive, but got {temperature}")
+    if relaxation not in _RELAXATIONS:
+        raise ValueError(f"relaxation must be one of {_RELAXATIONS}, but got {relaxation!r}")
 
 
-def _linear_tensors(linear: nn.Linear) -> tuple[Tensor, Tensor | None] | None:
-    """(weight, bias) of a linear layer that holds both as parameters, else None.
+def open_logit(open_prob: float) -> float:
+    """The "run" logit, over a "skip" logit of 0, that opens a gate with probability ``open_prob``."""
+    return math.log(open_prob / (1 - open_prob))
 
-    ``torch.func.functional_call`` swaps tensors inside ``_parameters``; a parameter deleted and set again
-    as a plain attribute leaves it, and the layer then runs as a module.
+
+@torch.no_grad()
+def set_decision_offset(router: nn.Module, offset: float) -> None:
+    """Set ``router``'s decision offset: its "run" logit is ``offset`` above what training left.
+
+    The offset is folded into the run bias (``router.run_bias``), so a forward costs nothing more, and kept
+    in the ``decision_offset`` buffer, so the next call moves the bias by the difference only and the
+    ``state_dict`` records it. A gate runs a block when ``run + offset > skip``: a run probability above
+    ``sigmoid(-offset)`` rather than above 0.5. Positive offsets open more gates, negative ones fewer.
     """
-    parameters = linear._parameters  # a dict lookup: nn.Module.__getattr__ costs as much as a small op here
-    if "weight" not in parameters or "bias" not in parameters:
-        return None
-    return parameters["weight"], parameters["bias"]
+    offset = float(offset)
+    if offset != offset or abs(offset) == math.inf:  # NaN or inf
+        raise ValueError(f"the decision offset must be a finite number of logits, but got {offset}")
+    router.run_bias.add_(offset - router.decision_offset.item())
+    router.decision_offset.fill_(offset)
 
 
-# fc1's weight and bias, then fc2's
-_BareTensors = tuple[Tensor, Tensor | None, Tensor, Tensor | None]
+def load_with_offset(router: nn.Module, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+    """``nn.Module._load_from_state_dict`` that reads a checkpoint saved before routers had ``decision_offset``.
 
-
-def _bare_layers(router: nn.Module) -> _BareTensors | None:
-    """fc1's and fc2's (weight, bias) if the router's three layers may run as bare ops, else None."""
-    modules = router._modules
-    fc1, act, fc2 = modules["fc1"], modules["act"], modules["fc2"]
-    if not (
-        runs_as_stock(fc1, nn.Linear, _LINEAR_FORWARD)
-        and runs_as_stock(act, nn.ReLU, _RELU_FORWARD)
-        and runs_as_stock(fc2, nn.Linear, _LINEAR_FORWARD)
-    ):
-        return None
-    first, second = _linear_tensors(fc1), _linear_tensors(fc2)
-    if first is None or second is None:
-        return None
-    return *first, *second
+    Such a checkpoint's run bias already holds any shift that trimming or calibration applied, so its offset
+    counts as 0.
+    """
+    state_dict.setdefault(f"{prefix}decision_offset", torch.zeros(()))
+    nn.Module._load_from_state_dict(router, state_dict, prefix, *args, **kwargs)
 
 
 class Router(nn.Module):
@@ -116,6 +110,11 @@ class Router(nn.Module):
         temperature: Gumbel-softmax temperature T of Eq. 7.
         relaxation: ``"gumbel"`` (default) or ``"straight_through"``.
         init_open_prob: probability that the gate opens at initialisation, in (0, 1).
+
+    Attributes:
+        decision_offset: a buffer, the logits by which :meth:`set_decision_offset` raised the "run" logit
+            over what training left (0 after conversion). :func:`dynroute.calibrate_budget` and
+            :func:`dynroute.set_decision_offset` set it for every router of a model at once.
 
     Example:
         >>> router = Router(64)
@@ -135,12 +134,7 @@ class Router(nn.Module):
         init_open_prob: float = 0.9,
     ) -> None:
         super().__init__()
-        if not 0.0 < init_open_prob < 1.0:
-            raise ValueError(f"init_open_prob must lie strictly between 0 and 1, but got {init_open_prob}")
-        if not temperature > 0:  # NaN too
-            raise ValueError(f"temperature must be positive, but got {temperature}")
-        if relaxation not in _RELAXATIONS:
-            raise ValueError(f"relaxation must be one of {_RELAXATIONS}, but got {relaxation!r}")
+        check_gate_settings(temperature, relaxation, init_open_prob)
         if hidden_channels is None:
             hidden_channels = max(rd_min, round(in_channels * rd_ratio))
         self.temperature = temperature
@@ -149,57 +143,41 @@ class Router(nn.Module):
         self.fc1 = nn.Linear(in_channels, hidden_channels)
         self.act = act_layer()
         self.fc2 = nn.Linear(hidden_channels, 2)
+        self.register_buffer("decision_offset", torch.zeros(()))
         self.reset_gate()
 
+    @property
+    def run_bias(self) -> Tensor:
+        """The bias of the "run" logit, the entry that :meth:`set_decision_offset` shifts."""
+        return self.fc2.bias[1:]
+
     def reset_gate(self) -> None:
-        """Zero the last layer's weights and set its bias to open with ``init_open_prob``."""
+        """Zero the last layer's weights and set its bias to open with ``init_open_prob`` (offset 0)."""
         nn.init.zeros_(self.fc2.weight)
         with torch.no_grad():
-            self.fc2.bias.copy_(torch.tensor([0.0, math.log(self.init_open_prob / (1 - self.init_open_prob))]))
+            self.fc2.bias.copy_(torch.tensor([0.0, open_logit(self.init_open_prob)]))
+            self.decision_offset.zero_()
+
+    set_decision_offset = set_decision_offset
+    _load_from_state_dict = load_with_offset
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits (N, 2) of (skip, run) for block input x of shape (N, C, H, W), in the router's dtype.
 
         Under autocast the router still runs in its own (float32) precision: a decision is the sign of
         a logit difference, which bfloat16 would round, and the router costs next to nothing.
-
-        The layers are called as modules, so hooks, quantization and other module swaps apply to them.
-        Inference with the stock layers as they are (no hook, no replaced forward or parameter) runs the
-        same ops, bit for bit, without the module dispatches and attribute lookups, which at batch 1
-        cost more than the ops themselves. With autograd on (checked first), as in training, nothing
-        else is checked.
         """
-        bare = None if torch.is_grad_enabled() or has_global_forward_hooks() else _bare_layers(self)
-        return self._logits(x, bare)
-
-    def _logits(self, x: Tensor, bare: _BareTensors | None) -> Tensor:
-        """Logits (N, 2) of x in the router's dtype, autocast off; ``bare`` as in :meth:`_mlp`."""
-        if bare is not None:
-            dtype = bare[0].dtype
-        else:
-            weight = self.fc1.weight  # a method, not a tensor, once torch.ao.quantization swapped the layer
-            dtype = weight.dtype if isinstance(weight, Tensor) else torch.float32
-        if x.dtype != dtype:
-            x = x.to(dtype)
+        weight = self.fc1.weight  # a method, not a tensor, once torch.ao.quantization swapped the layer
+        x = x.to(weight.dtype if isinstance(weight, Tensor) else torch.float32)
         if not torch.is_autocast_enabled(x.device.type):
-            return self._mlp(x, bare)
+            return self._layers(x)
         with torch.autocast(x.device.type, enabled=False):
-            return self._mlp(x, bare)
+            return self._layers(x)
 
-    def _stock_logits(self, x: Tensor, bare: _BareTensors) -> Tensor:
-        """:meth:`_logits` with stock layers and autocast off: x cast to the layers' dtype, then :meth:`_mlp`."""
-        if x.dtype != bare[0].dtype:
-            x = x.to(bare[0].dtype)
-        return self._mlp(x, bare)
-
-    def _mlp(self, x: Tensor, bare: _BareTensors | None) -> Tensor:
-        """Logits (N, 2) from x (N, C, H, W); ``bare`` is :func:`_bare_layers`' tensors, or None for the modules."""
+    def _layers(self, x: Tensor) -> Tensor:
+        """fc2(act(fc1(GAP(x)))) for x (N, C, H, W): logits (N, 2)."""
         # One `mean`, no pool-then-flatten: as fast as adaptive_avg_pool2d or faster at every size measured.
-        pooled = x.mean((2, 3))
-        if bare is None:
-            return self.fc2(self.act(self.fc1(pooled)))
-        weight1, bias1, weight2, bias2 = bare
-        return F.linear(F.linear(pooled, weight1, bias1).relu_(), weight2, bias2)
+        return self.fc2(self.act(self.fc1(x.mean((2, 3)))))
 
     def gate(self, logits: Tensor, hard: bool) -> Tensor:
         """Gate values (N,): relaxed per Eq. 7 unless ``hard``, else the argmax decision."""
@@ -208,25 +186,7 @@ class Router(nn.Module):
         return relaxed_gate(logits, self.temperature, self.relaxation)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, relaxation={self.relaxation!r}, init_open_prob={self.init_open_prob}"
-
-
-# Router's own forward; one patched on the class later, or a subclass's, is called as is.
-_ROUTER_FORWARD = Router.forward
-
-
-def unobserved_logits(router: nn.Module) -> Callable[[Tensor], Tensor]:
-    """``x -> router(x)``, worked out for forwards that run without autograd and that no forward hook (global,
-    or on the router or inside it) can see.
-
-    A :class:`Router` that runs its own ``forward``, with stock layers and autocast off on its device, gets its
-    four ops and nothing around them. Otherwise: with stock layers, the ops with the dtype and autocast handling
-    of ``forward``; with other layers, the layers called as modules; for a router that is not called as is
-    (see :func:`~dynroute.hooks.runs_own_forward`), the module call itself.
-    """
-    if not runs_own_forward(router, _ROUTER_FORWARD):
-        return router
-    bare = _bare_layers(router)
-    if bare is None or torch.is_autocast_enabled(bare[0].device.type):
-        return partial(router._logits, bare=bare)
-    return partial(router._stock_logits, bare=bare)
+        return (
+            f"temperature={self.temperature}, relaxation={self.relaxation!r}, init_open_prob={self.init_open_prob}, "
+            f"decision_offset={self.decision_offset.item():g}"
+        )

@@ -1,7 +1,8 @@
-"""Pieces the block families' adapters share: optional layers, the downsample shortcut, a named final activation,
+"""Pieces the block families' adapters share: optional layers, the downsample shortcut, a child module by name,
 the pre-activation a branch shares with its shortcut."""
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -19,20 +20,6 @@ def downsample_shortcut(block: nn.Module, x: Tensor) -> Tensor:
     return optional(block.downsample, x)
 
 
-def required_shortcut(block: nn.Module, shortcut: nn.Module | None) -> nn.Module:
-    """``shortcut``, the block's shortcut module; a TypeError if the block was built without one.
-
-    Such a block (an adapter's ``has_residual_add`` says False) is a plain layer, which the converter
-    leaves ungated; only wrapping it by hand reaches this error.
-    """
-    if shortcut is None:
-        raise TypeError(
-            f"this {type(block).__name__} has no shortcut, so no residual add to gate; "
-            "dynroute.convert_resnet leaves such blocks as they are"
-        )
-    return shortcut
-
-
 def conv1_in_channels(block: nn.Module) -> int:
     """Input channels of the block's ``conv1``: what its router sees.
 
@@ -43,6 +30,39 @@ def conv1_in_channels(block: nn.Module) -> int:
     return (conv1[0] if isinstance(conv1, nn.Sequential) else conv1).in_channels
 
 
+@dataclass(frozen=True)
+class ChildModule:
+    """``(block, x) -> block.<name>(x)``: a part of a block (shortcut, final activation) that is one of its children."""
+
+    name: str
+
+    def __call__(self, block: nn.Module, x: Tensor) -> Tensor:
+        return getattr(block, self.name)(x)
+
+
+@dataclass(frozen=True)
+class ShortcutChild(ChildModule):
+    """The shortcut child ``name`` of a block type that builds some instances without one (the child is None).
+
+    Such an instance adds nothing to its branch: a plain layer, which the converter leaves ungated
+    (:meth:`present` is the adapter's ``has_residual_add``). Calling the shortcut of one, which only a
+    block wrapped by hand does, is a TypeError saying so.
+    """
+
+    def __call__(self, block: nn.Module, x: Tensor) -> Tensor:
+        shortcut = getattr(block, self.name)
+        if shortcut is None:
+            raise TypeError(
+                f"this {type(block).__name__} has no shortcut ({self.name} is None), so no residual add to gate; "
+                "dynroute.convert_resnet leaves such blocks as they are"
+            )
+        return shortcut(x)
+
+    def present(self, block: nn.Module) -> bool:
+        """Whether ``block`` has the shortcut, and so a residual add."""
+        return getattr(block, self.name) is not None
+
+
 def named_activation_adapter(
     residual: Callable[[nn.Module, Tensor], Tensor],
     shortcut: Callable[[nn.Module, Tensor], Tensor],
@@ -51,16 +71,7 @@ def named_activation_adapter(
     has_residual_add: Callable[[nn.Module], bool] | None = None,
 ) -> BlockAdapter:
     """An adapter whose final activation is the block's child ``final_activation`` (router input: ``conv1``'s)."""
-
-    def module(block: nn.Module) -> nn.Module:
-        return getattr(block, final_activation)
-
-    def activation(block: nn.Module, x: Tensor) -> Tensor:
-        return getattr(block, final_activation)(x)
-
-    return BlockAdapter(
-        residual, shortcut, activation, in_channels, final_activation=module, has_residual_add=has_residual_add
-    )
+    return BlockAdapter(residual, shortcut, ChildModule(final_activation), in_channels, has_residual_add)
 
 
 def no_activation(block: nn.Module, x: Tensor) -> Tensor:

@@ -9,18 +9,10 @@ shortcut (``shortcut`` is None): a plain layer, which stays ungated.
 import timm.models.byobnet as timm_byobnet
 from torch import Tensor
 
-from dynroute.conversion.adapters._common import named_activation_adapter, required_shortcut
+from dynroute.conversion.adapters._common import ShortcutChild, named_activation_adapter
 from dynroute.conversion.registry import register_block
 
-ByobBlock = timm_byobnet.BottleneckBlock | timm_byobnet.EdgeBlock
-
-
-def _has_shortcut(block: ByobBlock) -> bool:
-    return block.shortcut is not None
-
-
-def _shortcut(block: ByobBlock, x: Tensor) -> Tensor:
-    return required_shortcut(block, block.shortcut)(x)
+_SHORTCUT = ShortcutChild("shortcut")
 
 
 def _bottleneck_residual(block: timm_byobnet.BottleneckBlock, x: Tensor) -> Tensor:
@@ -43,9 +35,9 @@ def _edge_in_channels(block: timm_byobnet.EdgeBlock) -> int:
 
 register_block(
     timm_byobnet.BottleneckBlock,
-    named_activation_adapter(_bottleneck_residual, _shortcut, "act", _bottleneck_in_channels, _has_shortcut),
+    named_activation_adapter(_bottleneck_residual, _SHORTCUT, "act", _bottleneck_in_channels, _SHORTCUT.present),
 )
 register_block(
     timm_byobnet.EdgeBlock,
-    named_activation_adapter(_edge_residual, _shortcut, "act", _edge_in_channels, _has_shortcut),
+    named_activation_adapter(_edge_residual, _SHORTCUT, "act", _edge_in_channels, _SHORTCUT.present),
 )

@@ -10,27 +10,19 @@ import timm.models.regnet as timm_regnet
 from torch import Tensor
 
 from dynroute.conversion.adapters._common import (
+    ShortcutChild,
     conv1_in_channels,
     named_activation_adapter,
     no_activation,
-    required_shortcut,
     shared_preactivation,
 )
 from dynroute.conversion.registry import BlockAdapter, register_block
 
-RegNetBlock = timm_regnet.Bottleneck | timm_regnet.PreBottleneck
-
-
-def _has_shortcut(block: RegNetBlock) -> bool:
-    return block.downsample is not None
+_DOWNSAMPLE = ShortcutChild("downsample")
 
 
 def _bottleneck_residual(block: timm_regnet.Bottleneck, x: Tensor) -> Tensor:
     return block.drop_path(block.conv3(block.se(block.conv2(block.conv1(x)))))
-
-
-def _bottleneck_shortcut(block: timm_regnet.Bottleneck, x: Tensor) -> Tensor:
-    return required_shortcut(block, block.downsample)(x)
 
 
 def _pre_bottleneck_residual(block: timm_regnet.PreBottleneck, x: Tensor) -> Tensor:
@@ -40,12 +32,12 @@ def _pre_bottleneck_residual(block: timm_regnet.PreBottleneck, x: Tensor) -> Ten
 
 
 def _pre_bottleneck_shortcut(block: timm_regnet.PreBottleneck, x: Tensor) -> Tensor:
-    return required_shortcut(block, block.downsample)(block.norm1(x))
+    return _DOWNSAMPLE(block, block.norm1(x))
 
 
 register_block(
     timm_regnet.Bottleneck,
-    named_activation_adapter(_bottleneck_residual, _bottleneck_shortcut, "act3", has_residual_add=_has_shortcut),
+    named_activation_adapter(_bottleneck_residual, _DOWNSAMPLE, "act3", has_residual_add=_DOWNSAMPLE.present),
 )
 register_block(
     timm_regnet.PreBottleneck,
@@ -54,6 +46,6 @@ register_block(
         _pre_bottleneck_shortcut,
         no_activation,
         conv1_in_channels,
-        has_residual_add=_has_shortcut,
+        has_residual_add=_DOWNSAMPLE.present,
     ),
 )
