@@ -22,7 +22,10 @@ from dynroute.conversion import adapters as _adapters  # noqa: F401  (registers 
 from dynroute.conversion.convert import convert_resnet
 from dynroute.conversion.flops import MacsTable, build_macs_table, macs_table
 from dynroute.conversion.registry import BlockAdapter, get_adapter, register_block, registered_block_types
-from dynroute.export.program import WithPaths, export_program
+from dynroute.export.masked import WithPaths, export_masked_program
+from dynroute.export.masked import export_program as export_program  # deprecated, not in __all__
+from dynroute.export.onnx_model import export_onnx
+from dynroute.export.skipping import export_skipping_program
 from dynroute.layers.gated_block import GatedBlock
 from dynroute.layers.router import Router, hard_gate, relaxed_gate
 from dynroute.layers.routing import force_gates, gated_blocks, routing_logits, routing_paths, set_execution
@@ -90,7 +93,9 @@ __all__ = [
     "load_dense_state_dict",
     # deployment
     "WithPaths",
-    "export_program",
+    "export_masked_program",
+    "export_skipping_program",
+    "export_onnx",
     # analytics
     "RoutingRecord",
     "MacsDistribution",

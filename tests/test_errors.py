@@ -246,7 +246,7 @@ CASES = [
     ),
     (
         "export-unbatched-example",
-        lambda model, table: dynroute.export_program(model, torch.zeros(3, 32, 32)),
+        lambda model, table: dynroute.export_skipping_program(model, torch.zeros(3, 32, 32)),
         ValueError,
         r"example_inputs must be a batch \(N, C, H, W\), but got \(3, 32, 32\)",
     ),
