@@ -49,6 +49,17 @@ class TestExecutedPages:
         assert namespace["model"].blocks[0].__class__.__name__ == "GatedBlock"
 
     @pytest.mark.slow
+    @pytest.mark.skipif(
+        not all(importlib.util.find_spec(name) for name in ("onnx", "onnxscript", "onnxruntime")),
+        reason="needs the export extra",
+    )
+    def test_deploy(self, monkeypatch, tmp_path):
+        namespace = run_page("how-to/deploy.md", monkeypatch, tmp_path)
+        assert {"routed.pt2", "routed.onnx", "routed_batched.onnx"} <= {p.name for p in tmp_path.iterdir()}
+        assert namespace["label"] in range(10)
+        assert len(namespace["blocks_run"]) == 9
+
+    @pytest.mark.slow
     @pytest.mark.skipif(importlib.util.find_spec("sklearn") is None, reason="needs the plots extra")
     def test_analytics(self, monkeypatch, tmp_path):
         """The page's snippets on a small routed model and loader standing in for the reader's."""
