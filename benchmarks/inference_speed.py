@@ -193,8 +193,8 @@ def keep_freed_memory() -> None:
     """Make glibc's malloc keep freed memory instead of returning blocks over 32 MiB to the OS.
 
     By default every large activation is a fresh ``mmap`` whose pages fault in (and are zeroed) on
-    first touch, once per forward: on this machine that is half the CPU time of a dense ResNet-50
-    forward at batch 32, and sparse execution, which allocates the gathered rows and the output on
+    first touch, once per forward, which can take half the CPU time of a dense ResNet-50 forward
+    at batch 32, and sparse execution, which allocates the gathered rows and the output on
     top of the branch's own buffers, pays proportionally more. jemalloc or tcmalloc (LD_PRELOAD) do
     the same; both are the usual advice for CPU inference.
     """

@@ -24,7 +24,6 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
 import dynroute
-from dynroute.conversion.flops import count_macs
 
 # Per-epoch means written to the CSV log; a term a stage does not compute is NaN.
 LOGGED_TERMS = ("ce", "consistency", "diversity", "gamma", "cost", "train_macs", "distill")
@@ -96,7 +95,26 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add("--dense", action="store_true", help="train the dense network (no routers): the baseline")
     add("--budget", type=float, default=None, help="target average cost, fraction of dense MACs (adaptive gamma)")
     add("--num_target", "--num-target", dest="num_target", type=int, default=None, help="original: blocks to run")
-    add("--gamma", "--loss_w", dest="gamma", type=float, default=None, help="cost weight (initial gamma with a budget)")
+    add(
+        "--gamma",
+        type=float,
+        default=None,
+        help="cost weight: fixed without a budget (default 1), the adaptive gamma's start with one (default 0); "
+        "0 without a budget: no cost term",
+    )
+    add("--loss_w", "--loss-w", dest="loss_w", type=float, default=None, help="original: cost weight (--gamma)")
+    add(
+        "--static-router",
+        action="store_true",
+        help="one learned decision per block for every image (dynroute.StaticRouter): the learned-pruning baseline",
+    )
+    add(
+        "--rate-weight",
+        type=float,
+        default=0.0,
+        help="weight of the per-block execution-rate term (ConvNet-AIG), each block's target rate the one that "
+        "spends --budget; 0 = off",
+    )
     add("--consistency-weight", type=float, default=0.2, help="alpha, weight of Eq. 8")
     add("--diversity-weight", type=float, default=0.2, help="beta of the paper, weight of Eq. 9")
     add("--loss_lda", "--loss-lda", dest="loss_lda", type=float, default=None, help="original: both path weights")
@@ -130,7 +148,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         help="after training, set the decision threshold so the cost of this many training images under the "
-        "evaluation transform is at most the budget and within 0.2 points of it (BudgetLoss.calibrate); 0 = off",
+        "evaluation transform is at most the budget and within 0.2 points of it (dynroute.calibrate_budget); 0 = off",
     )
     add(
         "--calibrate-when",
@@ -156,8 +174,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
 def resolve_arguments(args: argparse.Namespace) -> argparse.Namespace:
     """Turn the original CoDiNet flags into this script's settings, in place.
 
-    ``--aug_repeat R`` gives R views (0 counts as 1) and ``--loss_lda`` both path weights;
-    ``--num_target K`` becomes a budget in :func:`build_criterion`, once the MAC table is known.
+    ``--aug_repeat R`` gives R views (0 counts as 1), ``--loss_lda`` both path weights and
+    ``--loss_w`` the cost weight ``--gamma``; ``--num_target K`` becomes a budget (or none) in
+    :func:`resolve_cost_flags`, once the MAC table is known.
     """
     if args.views is None:
         args.views = max(1, args.aug_repeat) if args.aug_repeat is not None else 2
@@ -165,6 +184,19 @@ def resolve_arguments(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"--views must be >= 1, but got {args.views}")
     if args.loss_lda is not None:
         args.consistency_weight = args.diversity_weight = args.loss_lda
+    if args.loss_w is not None:
+        if args.gamma is not None and args.gamma != args.loss_w:
+            raise ValueError(
+                f"--loss_w {args.loss_w} and --gamma {args.gamma} both set the cost weight; pass one of them"
+            )
+        args.gamma = args.loss_w
+    if args.gamma is not None and not args.gamma >= 0:
+        raise ValueError(f"{_gamma_flag(args)} must be >= 0, but got {args.gamma}: a negative cost weight rewards cost")
+    if args.gamma == 0 and args.budget is not None and not args.dense:
+        raise ValueError(
+            f"{_gamma_flag(args)} 0 switches the cost term off, but --budget {args.budget} asks for one: drop "
+            f"{_gamma_flag(args)} (the budget's gamma starts at 0) or drop --budget"
+        )
     if args.router_lr is None:
         args.router_lr = args.lr
     distill_flags = [flag for flag in ("distill_weight", "distill_temperature") if getattr(args, flag) is not None]
@@ -177,6 +209,11 @@ def resolve_arguments(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(
             "--calibrate-images calibrates a budget: add --budget (or --num_target) to a routed run, or drop it"
         )
+    if args.calibrate_images and args.gamma == 0:
+        raise ValueError(
+            f"--calibrate-images calibrates a budget, but {_gamma_flag(args)} 0 switches the cost term off: "
+            f"drop {_gamma_flag(args)} 0, or drop --calibrate-images"
+        )
     if args.calibrate_when != "end" and not args.calibrate_images:
         raise ValueError(
             f"--calibrate-when {args.calibrate_when} needs images to calibrate on: add --calibrate-images N, or drop it"
@@ -188,11 +225,91 @@ def resolve_arguments(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def _gamma_flag(args: argparse.Namespace) -> str:
+    """How the command line spelled the cost weight: the original's ``--loss_w`` or ``--gamma``."""
+    return "--loss_w" if args.loss_w is not None else "--gamma"
+
+
+def original_flag_notes(args: argparse.Namespace) -> list[str]:
+    """One line per original CoDiNet flag (other than the cost flags) whose meaning changes here."""
+    notes = []
+    if args.aug_repeat is not None:
+        zero = " (0 counts as 1)" if args.aug_repeat == 0 else ""
+        notes.append(f"--aug_repeat {args.aug_repeat} -> {args.views} view(s) per sample{zero}")
+    if args.loss_lda is not None:
+        notes.append(f"--loss_lda {args.loss_lda} -> consistency and diversity weights {args.loss_lda} each")
+    if args.beta is not None:
+        notes.append(f"--beta {args.beta} -> unused, as in the original (the router temperature is --temperature)")
+    if getattr(args, "pretrain", False):
+        notes.append("--pretrain -> unused: the dense checkpoint is --model_path")
+    return notes
+
+
+@dataclass(frozen=True)
+class CostSettings:
+    """The cost term the command line asks for, once the MAC table is known.
+
+    Attributes:
+        term: ``"budget"`` (BudgetLoss, gamma adapted towards ``budget``), ``"fixed"`` (``gamma``
+            times the cost) or ``"none"`` (no cost term, no controller).
+        budget: target average cost as a fraction of dense MACs, or None.
+        gamma: the fixed cost weight, or the adaptive gamma's starting value; 0 for ``"none"``.
+        notes: one line per cost flag saying what it became, printed at start.
+    """
+
+    term: str
+    budget: float | None
+    gamma: float
+    notes: tuple[str, ...] = ()
+
+
+def resolve_cost_flags(args: argparse.Namespace, table: dynroute.MacsTable, model_name: str) -> CostSettings:
+    """What ``--budget``, ``--num_target`` and ``--gamma`` / ``--loss_w`` ask for, with the original's meaning.
+
+    A cost weight of 0 means no cost term and no controller (the original multiplied its cost
+    loss by ``--loss_w``). ``--num_target K`` with K at or above the number of gated blocks asks
+    for every block: no budget and no cost term. A smaller K is the budget
+    :func:`budget_from_num_target`; ``--budget`` states one directly and wins. With a budget,
+    the cost weight is gamma's starting value (default 0); without one, the fixed weight (default 1).
+    """
+    weight, target, blocks = _gamma_flag(args), args.num_target, table.num_blocks
+    if args.gamma == 0:
+        notes = [f"{weight} {args.gamma} -> no cost term and no budget controller (cost weight 0, as in the original)"]
+        if target is not None:
+            reason = f"{model_name} has {blocks} gated blocks" if target >= blocks else f"{weight} 0 turns the cost off"
+            notes.append(f"--num_target {target} -> no budget ({reason})")
+        return CostSettings("none", None, 0.0, tuple(notes))
+    if args.budget is not None:
+        budget = args.budget
+        notes = [] if target is None else [f"--num_target {target} -> unused: --budget {budget} sets the budget"]
+    elif target is not None and target >= blocks:
+        notes = [f"--num_target {target} -> no budget ({model_name} has {blocks} gated blocks): no cost term"]
+        if args.gamma is not None:
+            notes.append(f"{weight} {args.gamma} -> unused: no budget, no cost term")
+        return CostSettings("none", None, 0.0, tuple(notes))
+    elif target is not None:
+        budget = budget_from_num_target(target, table)
+        notes = [
+            f"--num_target {target} -> budget {budget:.4f} of dense MACs ({target} of {model_name}'s {blocks} gated "
+            "blocks at their mean cost, plus the always-paid part)"
+        ]
+    else:
+        budget, notes = None, []
+    if budget is not None:
+        if args.gamma is not None:
+            notes.append(f"{weight} {args.gamma} -> starting value of the adaptive gamma (budget {budget:.4f})")
+        return CostSettings("budget", budget, 0.0 if args.gamma is None else args.gamma, tuple(notes))
+    if args.gamma is not None:
+        notes.append(f"{weight} {args.gamma} -> fixed cost weight (no budget)")
+    return CostSettings("fixed", None, 1.0 if args.gamma is None else args.gamma, tuple(notes))
+
+
 def budget_from_num_target(num_target: int, table: dynroute.MacsTable) -> float:
     """The original ``--num_target``: blocks run per sample on average, as a cost fraction of dense.
 
     The original loss pulls the summed run-probability of each sample's gates to ``num_target``;
-    a count at or above the number of blocks asks for the dense network (budget 1.0).
+    here K blocks at their mean cost plus the always-paid part. :func:`resolve_cost_flags` calls
+    it only for K below the number of gated blocks (K at or above it is no budget).
     """
     if num_target < 1:
         raise ValueError(f"--num_target counts blocks run per sample and must be >= 1, but got {num_target}")
@@ -200,26 +317,56 @@ def budget_from_num_target(num_target: int, table: dynroute.MacsTable) -> float:
     return min(1.0, table.fixed_cost() + blocks * float(table.block_costs().mean()))
 
 
+def cli_model_name(args: argparse.Namespace, model: nn.Module) -> str:
+    """The model's name on the command line (``--backbone`` / ``--model``), else its class name."""
+    return getattr(args, "backbone", None) or getattr(args, "model", None) or type(model).__name__
+
+
 def build_criterion(args: argparse.Namespace, model: nn.Module) -> dynroute.CoDiNetLoss | nn.CrossEntropyLoss:
-    """Cross-entropy for ``--dense``, else the CoDiNet objective with the budget the flags ask for."""
+    """Cross-entropy for ``--dense``, else the CoDiNet objective with the cost term the flags ask for."""
     if args.dense:
         return nn.CrossEntropyLoss()
     table = dynroute.macs_table(model)
-    budget = args.budget
-    if budget is None and args.num_target:
-        budget = budget_from_num_target(args.num_target, table)
-    budget_kwargs = {"penalty": args.budget_penalty, "step_size": args.budget_step}
+    cost = resolve_cost_flags(args, table, cli_model_name(args, model))
+    budget_kwargs = {"penalty": args.budget_penalty, "step_size": args.budget_step} if cost.term == "budget" else {}
     return dynroute.CoDiNetLoss(
         table,
         num_views=args.views,
         alpha=args.consistency_weight,
         beta=args.diversity_weight,
-        gamma=args.gamma,
-        target=budget,
+        gamma=cost.gamma,
+        target=cost.budget,
         consistency_margin=args.consistency_margin,
         diversity_margin=args.diversity_margin,
-        **(budget_kwargs if budget is not None else {}),
+        rate_weight=args.rate_weight,
+        **budget_kwargs,
     )
+
+
+def record_derived_settings(args: argparse.Namespace, model: nn.Module) -> list[str]:
+    """Store what the flags became in ``args.derived`` (written to args.json); the lines to print at start.
+
+    Raises a ValueError for ``--calibrate-images`` when the flags ask for no budget.
+    """
+    notes = original_flag_notes(args)
+    derived = {
+        "views": args.views,
+        "consistency_weight": args.consistency_weight,
+        "diversity_weight": args.diversity_weight,
+        "router_lr": args.router_lr,
+    }
+    if not args.dense:
+        table = dynroute.macs_table(model)
+        cost = resolve_cost_flags(args, table, cli_model_name(args, model))
+        if args.calibrate_images and cost.term != "budget":
+            raise ValueError(
+                f"--calibrate-images calibrates a budget, but the flags ask for none ({'; '.join(cost.notes)}); "
+                "give a --budget or drop --calibrate-images"
+            )
+        notes += cost.notes
+        derived.update(cost_term=cost.term, budget=cost.budget, gamma=cost.gamma, gated_blocks=table.num_blocks)
+    args.derived = {**derived, "flag_mapping": notes}
+    return notes
 
 
 def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.SGD:
@@ -241,7 +388,7 @@ def distillation_loss(logits: Tensor, teacher_logits: Tensor, temperature: float
 def calibration_subset(train_set: Dataset, transform: Callable, count: int, seed: int) -> Subset:
     """``count`` training images, a fixed random choice, under ``transform`` (the evaluation one).
 
-    What :meth:`dynroute.BudgetLoss.calibrate` needs: images like the ones a deployed model meets,
+    What :func:`dynroute.calibrate_budget` needs: images like the ones a deployed model meets,
     not augmented views and not the test set. ``train_set`` is a torchvision dataset with a
     ``transform`` attribute, or a ``Subset`` of one.
     """
@@ -276,48 +423,11 @@ def make_train_loader(dataset: Dataset, args: argparse.Namespace, env: Distribut
     )
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, max_batches: int | None = None, progress: bool = True) -> dict:
-    """Top-1 accuracy, average MACs (and fraction of dense) and distinct paths over ``loader``.
-
-    A routed model runs with hard decisions and really skips blocks; each batch's MACs are counted
-    with ``dynroute.forward_macs``, which raises if the images are not of the MAC table's size. A
-    dense one is counted with fvcore. ``seconds`` is the wall time of the pass (data loading included).
-    """
-    model.eval()
-    routed = any(True for _ in dynroute.gated_blocks(model))
-    correct = total = 0
-    paths: list[Tensor] = []
-    sample_macs: list[Tensor] = []
-    device = next(model.parameters()).device
+    """:func:`dynroute.evaluate` as a dict, plus ``seconds``: the wall time of the pass, data loading included."""
     start = time.perf_counter()
-    batches = tqdm(loader, desc="eval", leave=False, disable=not progress)
-    for index, (images, labels) in enumerate(batches):
-        if max_batches is not None and index >= max_batches:
-            break
-        logits = model(images.to(device))
-        correct += (logits.argmax(1).cpu() == labels).sum().item()
-        total += labels.numel()
-        if routed:
-            paths.append(dynroute.routing_paths(model).cpu())
-            sample_macs.append(dynroute.forward_macs(model).cpu())
-    seconds = time.perf_counter() - start
-    input_size = tuple(images.shape[1:])
-    if routed:
-        macs, dense = torch.cat(sample_macs).mean().item(), dynroute.macs_table(model).dense_macs
-        distinct = dynroute.count_distinct_paths(torch.cat(paths))
-    else:
-        macs = dense = count_macs(model, input_size).total()
-        distinct = 1
-    return {
-        "top1": 100.0 * correct / max(total, 1),
-        "images": total,
-        "macs": macs,
-        "dense_macs": dense,
-        "macs_fraction": macs / dense,
-        "distinct_paths": distinct,
-        "seconds": seconds,
-    }
+    result = dynroute.evaluate(model, loader, max_batches=max_batches, progress=progress)
+    return {**asdict(result), "seconds": time.perf_counter() - start}
 
 
 @dataclass
@@ -460,8 +570,8 @@ def train(
                 loss, terms = criterion(logits, labels), {}
                 terms["ce"] = loss.item()
             else:
-                paths, router_logits = dynroute.routing_paths(model), dynroute.routing_logits(model)
-                loss, terms = criterion(logits, labels, paths, router_logits)
+                paths = dynroute.routing_paths(model)
+                loss, terms = criterion(logits, labels, paths)
                 terms["train_macs"] = dynroute.macs_fraction(paths, dynroute.macs_table(model))
             if teacher is not None:
                 with torch.no_grad():
@@ -472,8 +582,8 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            if not args.dense and not calibrate_in_stage2:
-                criterion.trim(model)  # stage 2 with a budget: hold the hard cost on it
+            if not args.dense and not (calibrate_in_stage2 and stage == 2):
+                criterion.step(model)  # the budget controller: gamma in stage 1, the threshold in stage 2
             state.step += 1
             sums["loss"] += loss.item() * labels.numel()
             sums["correct"] += (logits.argmax(1) == labels).sum().item()
@@ -511,14 +621,15 @@ def train(
 def calibrate(model: nn.Module, criterion: dynroute.CoDiNetLoss, loader: DataLoader, env: Distributed) -> None:
     """Put the eval-mode cost of ``loader``'s images at or just under the budget; every rank gets the thresholds."""
     if env.is_main:
-        cost = criterion.calibrate(model, loader, at_most=True)
+        cost = dynroute.calibrate_budget(model, loader, criterion.cost.target, at_most=True)
         print(
             f"calibrated the decision threshold on {len(loader.dataset)} training images (evaluation transform): "
             f"cost {100 * cost:.2f}% of dense for a budget of at most {100 * criterion.cost.target:.1f}%"
         )
     if env.enabled:
-        for parameter in dynroute.router_parameters(model):
-            dist.broadcast(parameter.data, src=0)
+        for _, block in dynroute.gated_blocks(model):  # the thresholds: run biases and decision offsets
+            for tensor in (*block.router.parameters(), *block.router.buffers()):
+                dist.broadcast(tensor.data, src=0)
 
 
 def final_report(model: nn.Module, test_loader: DataLoader, args: argparse.Namespace, env: Distributed) -> dict:
@@ -551,8 +662,12 @@ def run_training(
 
     With ``--calibrate-images N`` the budget is calibrated on N training images under ``eval_transform``.
     """
-    if env.is_main and not args.dense:
-        print(dynroute.macs_table(model))
+    notes = record_derived_settings(args, model)
+    if env.is_main:
+        for note in notes:
+            print(note)
+        if not args.dense:
+            print(dynroute.macs_table(model))
     test_loader = DataLoader(test_set, batch_size=args.test_bs, num_workers=args.workers)
     calibration_set = None
     if args.calibrate_images:

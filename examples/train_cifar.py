@@ -93,7 +93,9 @@ def build_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset, int, Cal
             "imagefolder, or a train/ folder in it); drop --download, or give a --data-root without train/"
         )
     if image_folder:
-        train_tf = T.Compose([T.Resize(IMAGE_SIZE), T.CenterCrop(IMAGE_SIZE), train_tf])
+        # Once resized to 32 px, an ImageFolder gets the paper's pad-and-crop (SVHN's without the flip).
+        augmentation = "cifar10" if dataset == "imagefolder" else dataset
+        train_tf = T.Compose([T.Resize(IMAGE_SIZE), T.CenterCrop(IMAGE_SIZE), train_transform(augmentation)])
         test_tf = eval_transform(image_size=IMAGE_SIZE)
     views = MultiViewTransform(train_tf, args.views)
     if image_folder:
@@ -155,7 +157,11 @@ def build_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
     if args.dense:
         return model
     return dynroute.convert_resnet(
-        model, input_size=(3, IMAGE_SIZE, IMAGE_SIZE), temperature=args.temperature, relaxation=args.relaxation
+        model,
+        input_size=(3, IMAGE_SIZE, IMAGE_SIZE),
+        router_layer=dynroute.StaticRouter if args.static_router else dynroute.Router,
+        temperature=args.temperature,
+        relaxation=args.relaxation,
     )
 
 

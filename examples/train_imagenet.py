@@ -66,18 +66,19 @@ def build_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
     if args.dense:
         return model
     size = (3, args.image_size, args.image_size)
-    return dynroute.convert_resnet(model, input_size=size, temperature=args.temperature, relaxation=args.relaxation)
+    router = dynroute.StaticRouter if args.static_router else dynroute.Router
+    return dynroute.convert_resnet(
+        model, input_size=size, router_layer=router, temperature=args.temperature, relaxation=args.relaxation
+    )
 
 
 def build_transforms(model: torch.nn.Module, image_size: int) -> tuple[T.Compose, T.Compose]:
-    """Random-resized-crop + flip for training, resize + centre crop for evaluation, timm's normalisation."""
+    """Random resized crops + flip for training, resize + centre crop (crop_pct 0.875) for evaluation; timm's stats."""
     config = model.pretrained_cfg
-    normalize = T.Normalize(
-        config.get("mean", dynroute.training.data.IMAGENET_MEAN), config.get("std", dynroute.training.data.IMAGENET_STD)
-    )
-    train_tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
-    eval_tf = T.Compose([T.Resize(round(image_size / 0.875)), T.CenterCrop(image_size), T.ToTensor(), normalize])
-    return train_tf, eval_tf
+    mean = config.get("mean", dynroute.training.data.IMAGENET_MEAN)
+    std = config.get("std", dynroute.training.data.IMAGENET_STD)
+    train_tf = dynroute.train_transform("imagefolder", image_size, mean=mean, std=std)
+    return train_tf, dynroute.eval_transform(image_size, mean, std, crop_pct=0.875)
 
 
 def main(argv: list[str] | None = None) -> dict:

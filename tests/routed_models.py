@@ -47,3 +47,15 @@ class RecompileLimitHits(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if "hit config." in record.getMessage():
             self.messages.append(record.getMessage())
+
+
+class UnregisteredBlock(nn.Module):
+    """A residual block of a type no adapter is registered for: what convert_resnet must name."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.conv2(torch.relu(self.conv1(x))))

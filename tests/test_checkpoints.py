@@ -76,6 +76,40 @@ class TestArchitectureMismatch:
             dynroute.load_dense_state_dict(CifarResNet(1), CifarResNet(1).state_dict())
 
 
+class TestRoutedCheckpointIntoUnconvertedModel:
+    """A routed checkpoint into a model that was not converted says to convert it first; nothing is loaded."""
+
+    MESSAGE = (
+        r"this {what} has routers \(keys layer1\.0\.router\.\*, layer2\.0\.router\.\*, layer3\.0\.router\.\*: "
+        r"3 gated blocks\) but CifarResNet is not converted; convert the model first with "
+        r"dynroute\.convert_resnet\(model, input_size=\.\.\.\) .*then load"
+    )
+
+    def test_load_checkpoint(self, tmp_path):
+        dynroute.save_checkpoint(tmp_path / "routed.pt", routed_model(), epoch=3)
+        dense = CifarResNet(1)
+        before = {key: value.clone() for key, value in dense.state_dict().items()}
+        with pytest.raises(TypeError, match=self.MESSAGE.format(what="checkpoint")):
+            dynroute.load_checkpoint(tmp_path / "routed.pt", dense)
+        assert all(torch.equal(value, before[key]) for key, value in dense.state_dict().items())
+        converted = dynroute.convert_resnet(CifarResNet(1), input_size=(3, 32, 32))
+        assert dynroute.load_checkpoint(tmp_path / "routed.pt", converted) == {"epoch": 3}  # the fix works
+
+    def test_load_checkpoint_non_strict_takes_the_dense_weights(self, tmp_path):
+        trained = routed_model()
+        dynroute.save_checkpoint(tmp_path / "routed.pt", trained)
+        dense = CifarResNet(1)
+        dynroute.load_checkpoint(tmp_path / "routed.pt", dense, strict=False)
+        for key, value in dense.state_dict().items():
+            torch.testing.assert_close(value, trained.state_dict()[key], rtol=0, atol=0, msg=key)
+
+    @pytest.mark.parametrize("prefix", ["", "module."])
+    def test_load_dense_state_dict(self, prefix):
+        state = {prefix + key: value for key, value in routed_model().state_dict().items()}
+        with pytest.raises(TypeError, match=self.MESSAGE.format(what="state_dict")):
+            dynroute.load_dense_state_dict(CifarResNet(1), state)
+
+
 class TestDenseCheckpoint:
     """A dense checkpoint loads into a converted model: weights copied, routers keep their init."""
 

@@ -1,13 +1,17 @@
 import copy
+import importlib
+import warnings
 
 import pytest
 import timm
 import torch
 import torchvision
+from routed_models import UnregisteredBlock
 from torch import nn
 from torchvision.models.quantization import resnet as quantizable_resnet
 
 import dynroute
+from dynroute.conversion import registry
 from dynroute.models import CifarBasicBlock
 
 
@@ -190,6 +194,80 @@ class TestConvertOptions:
     def test_not_a_module_is_refused(self):
         with pytest.raises(TypeError, match="torch.nn.Module"):
             dynroute.convert_resnet("resnet50", (3, 224, 224))
+
+
+class _Stage(nn.Module):
+    """A stage container of a type the converter does not know, holding blocks in an nn.Sequential."""
+
+    def __init__(self, channels: int, depth: int) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*(UnregisteredBlock(channels) for _ in range(depth)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+
+class TestUnregisteredBlocks:
+    """A model whose blocks have no adapter is refused naming their types and how to register one."""
+
+    # timm families whose blocks were unknown when this was written; unregistered here in case they are not any more
+    TIMM_FAMILIES = [
+        ("skresnet18", "timm.models.sknet", "SelectiveKernelBasic", 8),
+        ("res2net50_26w_4s", "timm.models.res2net", "Bottle2neck", 16),
+        ("resnest14d", "timm.models.resnest", "ResNestBottleneck", 4),
+    ]
+
+    @pytest.mark.parametrize("name, module, block, count", TIMM_FAMILIES, ids=[f[0] for f in TIMM_FAMILIES])
+    def test_timm_families_name_their_block_type(self, name, module, block, count, monkeypatch):
+        model = timm.create_model(name)
+        block_type = getattr(importlib.import_module(module), block)
+        monkeypatch.delitem(registry._REGISTRY, block_type, raising=False)
+        blocks = [n for n, m in model.named_modules() if type(m) is block_type]
+        assert len(blocks) == count
+        pattern = (
+            rf"ResNet has no supported residual blocks; it has blocks of types dynroute does not know: "
+            rf"{module}\.{block} \({count} blocks: '{blocks[0]}', '{blocks[1]}', \.\.\.\)\..*"
+            rf"dynroute\.register_block\({block}, dynroute\.BlockAdapter\(residual=\.\.\., "
+        )
+        with pytest.raises(TypeError, match=pattern):
+            dynroute.convert_resnet(model)
+        assert not any(isinstance(m, dynroute.GatedBlock) for m in model.modules())
+
+    def test_blocks_inside_an_unknown_stage_are_named_not_the_stage(self):
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), _Stage(8, 2), _Stage(8, 1), nn.Flatten())
+        with pytest.raises(TypeError) as caught:
+            dynroute.convert_resnet(model, input_size=(3, 16, 16))
+        message = str(caught.value)
+        assert "routed_models.UnregisteredBlock (3 blocks: '1.blocks.0', '1.blocks.1', ...)" in message
+        assert "_Stage" not in message and "register_block(UnregisteredBlock, " in message
+
+    def test_the_message_follows_the_registry(self, monkeypatch):
+        """Once a type is registered it is converted, and only the still unknown ones are named."""
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), CifarBasicBlock(8, 8), UnregisteredBlock(8))
+        with pytest.warns(
+            UserWarning,
+            match=r"supported blocks of Sequential but leaves these dense.*UnregisteredBlock \(1 block: '2'\)",
+        ):
+            dynroute.convert_resnet(model, input_size=(3, 16, 16))
+        assert [name for name, _ in dynroute.gated_blocks(model)] == ["1"]
+        adapter = registry.BlockAdapter(
+            residual=lambda b, x: b.conv2(torch.relu(b.conv1(x))),
+            shortcut=lambda b, x: x,
+            activation=lambda b, x: torch.relu(x),
+            in_channels=lambda b: b.conv1.in_channels,
+        )
+        monkeypatch.setitem(registry._REGISTRY, UnregisteredBlock, adapter)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), CifarBasicBlock(8, 8), UnregisteredBlock(8))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            dynroute.convert_resnet(model, input_size=(3, 16, 16))
+        assert [name for name, _ in dynroute.gated_blocks(model)] == ["1", "2"]
+
+    @pytest.mark.parametrize("name", ["resnet18", "resnet26d", "seresnext26d_32x4d"])
+    def test_supported_models_do_not_warn(self, name):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            dynroute.convert_resnet(timm.create_model(name), input_size=(3, 32, 32))
 
 
 @pytest.mark.slow

@@ -17,9 +17,11 @@ from dynroute.training.data import (
 )
 
 
-def _image(seed: int, size: int = 32) -> Image.Image:
+def _image(seed: int, size: int | tuple[int, int] = 32) -> Image.Image:
+    """A random RGB image, ``size`` = side or (width, height)."""
+    width, height = (size, size) if isinstance(size, int) else size
     generator = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (size, size, 3), generator=generator, dtype=torch.uint8)
+    pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)
     return Image.fromarray(pixels.numpy())
 
 
@@ -133,3 +135,70 @@ class TestDefaultTransforms:
 
     def test_eval_resize(self) -> None:
         assert eval_transform(16)(Image.new("RGB", (40, 32))).shape == (3, 16, 16)
+
+
+# (width, height) of a photo, a CIFAR image, a tall thumbnail and an image smaller than the crop
+ANY_SIZES = [(500, 375), (32, 32), (20, 90), (12, 12)]
+
+
+def _seeded(transform, image: Image.Image, seed: int = 5) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return transform(image)
+
+
+class TestAnyInputSize:
+    """Every transform returns image_size x image_size crops whatever the size of the image it gets."""
+
+    @pytest.mark.parametrize("size", ANY_SIZES)
+    @pytest.mark.parametrize("dataset", ["imagefolder", "cifar10", "svhn", "mnist", "digits"])
+    def test_train_crops_have_the_requested_size(self, dataset: str, size: tuple[int, int]) -> None:
+        assert train_transform(dataset, image_size=64)(_image(0, size)).shape == (3, 64, 64)
+
+    @pytest.mark.parametrize("size", ANY_SIZES)
+    @pytest.mark.parametrize("crop_pct", [1.0, 0.875])
+    def test_eval_crops_have_the_requested_size(self, size: tuple[int, int], crop_pct: float) -> None:
+        assert eval_transform(64, crop_pct=crop_pct)(_image(0, size)).shape == (3, 64, 64)
+
+    @pytest.mark.parametrize("size", ANY_SIZES)
+    def test_imagefolder_takes_random_resized_crops(self, size: tuple[int, int]) -> None:
+        reference = T.Compose(
+            [T.RandomResizedCrop(64), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        )
+        image = _image(1, size)
+        assert torch.equal(_seeded(train_transform("imagefolder", image_size=64), image), _seeded(reference, image))
+
+    def test_a_dataset_at_another_size_is_resized_then_padded_and_cropped(self) -> None:
+        reference = T.Compose(
+            [
+                T.Resize(64),
+                T.CenterCrop(64),
+                T.RandomCrop(64, padding=8),  # the paper's 4 px at 32 px, scaled with the image
+                T.RandomHorizontalFlip(),
+                T.ToTensor(),
+                T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ]
+        )
+        image = _image(2)
+        assert torch.equal(_seeded(train_transform("cifar10", image_size=64), image), _seeded(reference, image))
+
+    @pytest.mark.parametrize("dataset, native", [("cifar10", 32), ("cifar100", 32), ("svhn", 32), ("mnist", 28)])
+    def test_a_dataset_at_its_native_size_is_only_padded_and_cropped(self, dataset: str, native: int) -> None:
+        steps = train_transform(dataset, image_size=native).transforms
+        assert type(steps[0]) is T.RandomCrop and steps[0].size == (native, native) and steps[0].padding == 4
+        assert not any(isinstance(step, (T.Resize, T.CenterCrop, T.RandomResizedCrop)) for step in steps)
+
+    def test_eval_follows_crop_pct(self) -> None:
+        reference = T.Compose(
+            [T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        )
+        image = _image(3, (500, 375))
+        assert torch.equal(eval_transform(224, crop_pct=0.875)(image), reference(image))
+
+    def test_padding_is_refused_for_random_resized_crops(self) -> None:
+        with pytest.raises(ValueError, match="padding=4 applies to the pad-and-crop.*drop padding"):
+            train_transform("imagefolder", image_size=64, padding=4)
+
+    @pytest.mark.parametrize("crop_pct", [0.0, 1.5, float("nan")])
+    def test_bad_crop_pct(self, crop_pct: float) -> None:
+        with pytest.raises(ValueError, match="crop_pct must be in"):
+            eval_transform(64, crop_pct=crop_pct)

@@ -1,9 +1,12 @@
 """Bad input fails with a clear error that names the value and the fix (the table in docs/errors.md)."""
 
 import copy
+import os
+import tempfile
 
 import pytest
 import torch
+from routed_models import UnregisteredBlock
 from torch import nn
 
 import dynroute
@@ -28,6 +31,14 @@ def table_40(model):
 
 class _Subclassed(CifarBasicBlock):
     pass
+
+
+def _load_checkpoint_of(model: nn.Module, into: nn.Module) -> dict:
+    """dynroute.save_checkpoint of ``model`` then dynroute.load_checkpoint of it into ``into``."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "routed.pt")
+        dynroute.save_checkpoint(path, model)
+        return dynroute.load_checkpoint(path, into)
 
 
 def _paths(n: int = 4, width: int = 3) -> torch.Tensor:
@@ -118,7 +129,17 @@ CASES = [
         "unsupported-model",
         lambda model, table: dynroute.convert_resnet(nn.Sequential(nn.Conv2d(3, 8, 3)), input_size=(3, 8, 8)),
         TypeError,
-        r"Sequential has no supported residual blocks; .*dynroute.register_block",
+        r"Sequential has no supported residual blocks, and no module that looks like one; .*dynroute.register_block",
+    ),
+    (
+        "unregistered-block-types",
+        lambda model, table: dynroute.convert_resnet(
+            nn.Sequential(nn.Conv2d(3, 8, 3), UnregisteredBlock(8), UnregisteredBlock(8)), input_size=(3, 8, 8)
+        ),
+        TypeError,
+        r"Sequential has no supported residual blocks; it has blocks of types dynroute does not know: "
+        r"routed_models\.UnregisteredBlock \(2 blocks: '1', '2'\)\. .*dynroute\.register_block\(UnregisteredBlock, "
+        r"dynroute\.BlockAdapter\(residual=",
     ),
     (
         "subclassed-block",
@@ -187,6 +208,52 @@ CASES = [
         ),
         ValueError,
         r"paths have 6 rows but logits 4; pass dynroute.routing_paths\(model\) of the forward",
+    ),
+    (
+        "labels-not-repeated-per-view",
+        lambda model, table: dynroute.CoDiNetLoss(table, num_views=2)(
+            torch.randn(8, 10), torch.zeros(4, dtype=torch.long), _paths(8)
+        ),
+        ValueError,
+        r"labels have 4 rows but logits 8; .*\(L \* M,\) = \(8,\) with each sample's label repeated for its 2 "
+        r"adjacent views, as dynroute.multiview_collate returns them",
+    ),
+    (
+        "negative-cost-weight",
+        lambda model, table: dynroute.CoDiNetLoss(table, num_views=2, gamma=-0.5),
+        ValueError,
+        r"gamma must be >= 0, but got -0.5; a negative cost weight rewards cost",
+    ),
+    (
+        "negative-initial-gamma",
+        lambda model, table: dynroute.BudgetLoss(table, target=0.6, initial_gamma=-0.5),
+        ValueError,
+        r"initial_gamma must be >= 0, but got -0.5",
+    ),
+    (
+        "routed-checkpoint-into-unconverted-model",
+        lambda model, table: _load_checkpoint_of(model, CifarResNet(1)),
+        TypeError,
+        r"this checkpoint has routers \(keys layer1\.0\.router\.\*, .*\) but CifarResNet is not converted; "
+        r"convert the model first with dynroute\.convert_resnet\(model, input_size=\.\.\.\).*then load",
+    ),
+    (
+        "routed-state-dict-into-unconverted-model",
+        lambda model, table: dynroute.load_dense_state_dict(CifarResNet(1), model.state_dict()),
+        TypeError,
+        r"this state_dict has routers \(keys layer1\.0\.router\.\*, .*convert the model first",
+    ),
+    (
+        "padding-with-random-resized-crops",
+        lambda model, table: dynroute.train_transform("imagefolder", image_size=64, padding=4),
+        ValueError,
+        r"padding=4 applies to the pad-and-crop of a dataset name, but 'imagefolder' takes random resized crops",
+    ),
+    (
+        "bad-crop-pct",
+        lambda model, table: dynroute.eval_transform(224, crop_pct=87.5),
+        ValueError,
+        r"crop_pct must be in \(0, 1\], but got 87.5; e.g. 0.875 for ImageNet",
     ),
     (
         "unknown-dataset-transform",
@@ -273,12 +340,7 @@ class TestBadInput:
 LOADER_MEASURES = {
     "summary": lambda model, loader, **kw: dynroute.summary(model, loader, verbose=False, **kw).macs_fraction,
     "collect_routing": lambda model, loader, **kw: dynroute.collect_routing(model, loader, **kw).macs().fraction,
-    "BudgetLoss.calibrate": lambda model, loader, **kw: dynroute.BudgetLoss(
-        dynroute.macs_table(model), target=0.5
-    ).calibrate(model, loader, **kw),
-    "CoDiNetLoss.calibrate": lambda model, loader, **kw: dynroute.CoDiNetLoss(
-        dynroute.macs_table(model), num_views=1, target=0.5
-    ).calibrate(model, loader, **kw),
+    "calibrate_budget": lambda model, loader, **kw: dynroute.calibrate_budget(model, loader, 0.5, **kw),
 }
 
 

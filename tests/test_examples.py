@@ -16,7 +16,6 @@ from torchvision import datasets
 from torchvision import transforms as torchvision_transforms
 
 import dynroute
-from dynroute.conversion.flops import count_macs
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -77,13 +76,92 @@ class TestOriginalCommandLine:
         assert args.gamma == 0.0 and args.num_target == 16
         assert (args.log_path, args.note) == ("./outputs", "your_note")
 
-    def test_num_target_becomes_a_budget(self) -> None:
+    def test_zero_cost_weight_means_no_cost_term(self) -> None:
+        """--loss_w 0.0 switched the original's cost loss off: no cost term, no controller, gamma stays 0."""
         args = _common.resolve_arguments(train_cifar.build_parser().parse_args(ORIGINAL_COMMAND))
         model = train_cifar.build_model(args, 10)
         criterion = _common.build_criterion(args, model)
-        assert criterion.cost.target == 1.0  # 16 blocks of resnet20's 9: every block runs, as in the original
-        assert criterion.cost.gamma.item() == 0.0  # --loss_w is gamma's starting value
+        assert not isinstance(criterion.cost, dynroute.BudgetLoss) and criterion.gamma == 0.0
         assert criterion.consistency is None  # --aug_repeat 1: one view, no consistency term
+        model.train()
+        logits = model(torch.randn(4, 3, 32, 32))
+        loss, terms = criterion(logits, torch.arange(4), dynroute.routing_paths(model))
+        assert "cost" not in terms and "gamma" not in terms
+
+    def test_original_command_says_what_each_flag_became(self, capsys) -> None:
+        args = _common.resolve_arguments(train_cifar.build_parser().parse_args(ORIGINAL_COMMAND))
+        notes = _common.record_derived_settings(args, train_cifar.build_model(args, 10))
+        assert notes == [
+            "--aug_repeat 1 -> 1 view(s) per sample",
+            "--beta 25.0 -> unused, as in the original (the router temperature is --temperature)",
+            "--loss_w 0.0 -> no cost term and no budget controller (cost weight 0, as in the original)",
+            "--num_target 16 -> no budget (resnet20 has 9 gated blocks)",
+        ]
+        assert args.derived == {
+            "views": 1,
+            "consistency_weight": 0.2,
+            "diversity_weight": 0.2,
+            "router_lr": 0.1,
+            "cost_term": "none",
+            "budget": None,
+            "gamma": 0.0,
+            "gated_blocks": 9,
+            "flag_mapping": notes,
+        }
+
+    @pytest.mark.parametrize(
+        "flags, term, gamma",
+        [
+            (("--num_target", "16"), "none", 0.0),  # K >= 9 blocks asks for every block: no budget
+            (("--num_target", "9", "--loss_w", "0.5"), "none", 0.0),
+            (("--num_target", "5", "--loss_w", "0.5"), "budget", 0.5),  # gamma's starting value
+            (("--num_target", "5"), "budget", 0.0),
+            (("--num_target", "5", "--budget", "0.7"), "budget", 0.0),  # --budget wins
+            (("--loss_w", "0.3"), "fixed", 0.3),
+            ((), "fixed", 1.0),
+        ],
+    )
+    def test_cost_flags(self, flags: tuple[str, ...], term: str, gamma: float) -> None:
+        args = _common.resolve_arguments(train_cifar.build_parser().parse_args(["--backbone", "resnet20", *flags]))
+        model = train_cifar.build_model(args, 10)
+        table = dynroute.macs_table(model)
+        cost = _common.resolve_cost_flags(args, table, "resnet20")
+        assert (cost.term, cost.gamma) == (term, gamma)
+        expected_budget = {"none": None, "fixed": None, "budget": args.budget}[term]
+        if term == "budget" and args.budget is None:
+            expected_budget = _common.budget_from_num_target(5, table)
+        assert cost.budget == expected_budget
+        assert len(cost.notes) == sum(flag.startswith("--") and flag != "--budget" for flag in flags)
+        criterion = _common.build_criterion(args, model)
+        assert isinstance(criterion.cost, dynroute.BudgetLoss) == (term == "budget")
+        if term == "budget":
+            assert (criterion.cost.target, criterion.cost.gamma.item()) == (cost.budget, gamma)
+        else:
+            assert criterion.gamma == gamma
+
+    @pytest.mark.parametrize(
+        "flags, message",
+        [
+            (("--budget", "0.6", "--gamma", "0"), r"--gamma 0 switches the cost term off, but --budget 0.6 asks"),
+            (("--loss_w", "0.1", "--gamma", "0.2"), r"--loss_w 0.1 and --gamma 0.2 both set the cost weight"),
+            (("--loss_w", "-0.5"), r"--loss_w must be >= 0, but got -0.5"),
+            (("--num_target", "4", "--loss_w", "0", "--calibrate-images", "8"), r"but --loss_w 0 switches the cost"),
+        ],
+    )
+    def test_contradicting_cost_flags(self, flags: tuple[str, ...], message: str) -> None:
+        with pytest.raises(ValueError, match=message):
+            _common.resolve_arguments(train_cifar.build_parser().parse_args(list(flags)))
+
+    def test_calibration_of_no_budget_is_refused_before_training(self) -> None:
+        args = _common.resolve_arguments(
+            train_cifar.build_parser().parse_args(
+                ["--backbone", "resnet20", "--num_target", "12", "--calibrate-images", "8"]
+            )
+        )
+        with pytest.raises(
+            ValueError, match=r"calibrates a budget, but the flags ask for none \(--num_target 12 -> no"
+        ):
+            _common.record_derived_settings(args, train_cifar.build_model(args, 10))
 
     def test_num_target_below_the_block_count(self) -> None:
         table = dynroute.macs_table(dynroute.convert_resnet(dynroute.models.resnet56(), input_size=(3, 32, 32)))
@@ -144,6 +222,8 @@ class TestTrainCifar:
         assert [row["stage"] for row in rows] == ["1", "2"]
         assert report["images"] == 24 and 0 < report["macs_fraction"] <= 1.01
         assert json.loads((run / "results.json").read_text())["top1"] == report["top1"]
+        derived = json.loads((run / "args.json").read_text())["derived"]
+        assert (derived["cost_term"], derived["budget"], derived["gamma"], derived["views"]) == ("budget", 0.6, 0.0, 2)
         assert any((run / "tensorboard").iterdir())
         resumed = train_cifar.main([*args[:-4], "--epochs", "1", "--stage2-epochs", "2", "--resume"])
         rows = _csv_rows(run / "log.csv")
@@ -221,6 +301,15 @@ class TestTrainCifar:
         assert train_set[0][0].shape == (2, 3, 32, 32) and test_set[0][0].shape == (3, 32, 32)
         assert classes == 2 and test_tf is test_set.transform  # calibration images get the same resize
 
+    def test_image_folder_gets_the_cifar_pad_and_crop_after_the_resize(self, cifar_folder: Path) -> None:
+        args = train_cifar.build_parser().parse_args(["--dataset", "imagefolder", "--data-root", str(cifar_folder)])
+        train_set, _, _, _ = train_cifar.build_datasets(_common.resolve_arguments(args))
+        resize, crop, augment = train_set.transform.transform.transforms
+        assert (type(resize), type(crop)) == (torchvision_transforms.Resize, torchvision_transforms.CenterCrop)
+        steps = augment.transforms
+        assert type(steps[0]) is torchvision_transforms.RandomCrop and steps[0].padding == 4
+        assert type(steps[1]) is torchvision_transforms.RandomHorizontalFlip
+
     def test_evaluation_refuses_another_size_than_the_mac_table(self) -> None:
         model = dynroute.convert_resnet(dynroute.models.resnet20(num_classes=3), input_size=(3, 32, 32))
         batch = (torch.randn(2, 3, 48, 48), torch.tensor([0, 1]))
@@ -265,9 +354,24 @@ class TestTrainImagenet:
         )  # fmt: skip
         assert report["images"] == 8 and report["distinct_paths"] >= 1
         assert all(float(row["distill"]) > 0 for row in _csv_rows(tmp_path / "runs" / "smoke" / "log.csv"))
-        dense = count_macs(timm.create_model("resnet18", num_classes=2), (3, 32, 32)).total()
+        dense = dynroute.count_macs(timm.create_model("resnet18", num_classes=2), (3, 32, 32))
         assert report["dense_macs"] == dense and 0 < report["macs_fraction"] <= 1.01
         assert (tmp_path / "runs" / "smoke" / "last.pt").exists()
+
+    def test_transforms_are_imagenet_style(self) -> None:
+        """Random resized crops and flips for training; resize to size / 0.875 and centre crop for evaluation."""
+        model = timm.create_model("resnet18", num_classes=2)
+        train_tf, eval_tf = train_imagenet.build_transforms(model, 64)
+        T = torchvision_transforms
+        normalize = T.Normalize(model.pretrained_cfg["mean"], model.pretrained_cfg["std"])
+        image = Image.fromarray(torch.randint(0, 256, (75, 100, 3), dtype=torch.uint8).numpy())
+        reference_train = T.Compose([T.RandomResizedCrop(64), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
+        torch.manual_seed(1)
+        expected = reference_train(image)
+        torch.manual_seed(1)
+        assert torch.equal(train_tf(image), expected)
+        reference_eval = T.Compose([T.Resize(73), T.CenterCrop(64), T.ToTensor(), normalize])
+        assert torch.equal(eval_tf(image), reference_eval(image))
 
     def test_dense_checkpoint_must_fit_the_model(self, tmp_path: Path) -> None:
         args = argparse.Namespace(model="resnet18")
@@ -285,8 +389,20 @@ class TestQuickstart:
 
     @pytest.mark.slow
     def test_few_steps(self, capsys) -> None:
-        report = quickstart.main(["--epochs", "1", "--stage2-epochs", "1", "--max-steps", "2"])
+        report = quickstart.main(["--epochs", "1", "--stage2-epochs", "1", "--max-steps", "2", "--threads", "1"])
         out = capsys.readouterr().out
-        for label in ("test accuracy", "average MACs", "distinct paths", "eval speedup"):
+        for label in ("test accuracy", "average MACs", "distinct paths", "eval speedup", "wall time"):
             assert label in out
         assert report["images"] == 360 and report["speedup"] > 0
+        assert f"wall time       {report['wall_seconds']:.0f} s (" in out and "; 1 threads)" in out
+
+    def test_import_does_not_log_the_cuda_runtime_warning(self, tmp_path: Path) -> None:
+        """Importing torch.utils.benchmark warns about CUDA on a CUDA build without a GPU; quickstart drops that."""
+        env = {**os.environ, "CUDA_HOME": str(tmp_path), "PYTHONPATH": f"{EXAMPLES}{os.pathsep}{EXAMPLES.parent}"}
+
+        def stderr_of(code: str) -> str:
+            return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stderr
+
+        if "No CUDA runtime is found" not in stderr_of("import torch.utils.benchmark"):
+            pytest.skip("this torch build logs no CUDA runtime warning (a GPU, or a CPU-only build)")
+        assert "No CUDA runtime is found" not in stderr_of("import quickstart")

@@ -105,3 +105,48 @@ class TestMacsTable:
         model = dynroute.convert_resnet(dynroute.models.resnet20(), input_size=(3, 32, 32))
         with pytest.raises(ValueError, match=r"input_size must be \(C, H, W\) of positive ints"):
             dynroute.build_macs_table(model, input_size)
+
+
+class TestCountMacs:
+    """MACs of the dense network, against hand counts and fvcore on the unconverted model."""
+
+    def test_toy_network_by_hand(self):
+        model = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)
+        )
+        # conv: 4 x 3 x 3 x 3 per output pixel; pooling reads each of 4 x 8 x 6 values once; linear 4 -> 2.
+        assert dynroute.count_macs(model, (3, 8, 6)) == 4 * 3 * 9 * 8 * 6 + 4 * 8 * 6 + 4 * 2
+
+    @pytest.mark.parametrize(
+        "build, input_size",
+        [
+            (dynroute.models.resnet20, (3, 32, 32)),
+            (lambda: timm.create_model("resnet26d", num_classes=3), (3, 64, 64)),
+        ],
+    )
+    def test_same_before_and_after_conversion(self, build, input_size):
+        original = build()
+        dense = dynroute.count_macs(original, input_size)
+        assert dense == _fvcore_total(original, input_size)
+        converted = dynroute.convert_resnet(original, input_size=input_size)
+        assert dynroute.count_macs(converted, input_size) == dense == dynroute.macs_table(converted).dense_macs
+        # at another size it is still the dense network, not the path a zero image happens to take
+        closed = dynroute.force_gates(copy.deepcopy(converted), "closed")
+        assert dynroute.count_macs(closed, (3, 48, 48)) == _fvcore_total(build(), (3, 48, 48))
+
+    def test_the_model_is_not_changed(self):
+        model = dynroute.convert_resnet(dynroute.models.resnet20(), input_size=(3, 32, 32)).train()
+        before = {key: value.clone() for key, value in model.state_dict().items()}
+        dynroute.count_macs(model, (3, 32, 32))
+        assert model.training and all(block.last_gate is None for _, block in dynroute.gated_blocks(model))
+        assert all(block.forced_gate is None for _, block in dynroute.gated_blocks(model))
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+
+    def test_wrong_input_size_names_the_fix(self):
+        with pytest.raises(ValueError, match=r"its first convolution takes 3, so pass \(3, H, W\)"):
+            dynroute.count_macs(dynroute.models.resnet20(), (1, 32, 32))
+        with pytest.raises(ValueError, match=r"input_size must be \(C, H, W\)"):
+            dynroute.count_macs(dynroute.models.resnet20(), (32, 32))
+        with pytest.raises(TypeError, match="torch.nn.Module"):
+            dynroute.count_macs("resnet20", (3, 32, 32))

@@ -198,3 +198,57 @@ class TestPathValidation:
     def test_bad_reduction(self):
         with pytest.raises(ValueError, match="reduction"):
             dynroute.consistency_loss(torch.rand(4, 3), 2, reduction="max")
+
+
+class TestExecutionRate:
+    """ConvNet-AIG's per-block target rate against a loop over blocks."""
+
+    @pytest.mark.parametrize("target", [0.3, torch.tensor([0.2, 0.5, 0.9, 1.0])])
+    def test_matches_a_loop(self, target) -> None:
+        paths = torch.rand(12, 4, requires_grad=True)
+        rates = target if isinstance(target, torch.Tensor) else torch.full((4,), target)
+        expected = sum((paths[:, k].mean() - rates[k]) ** 2 for k in range(4)) / 4
+        torch.testing.assert_close(dynroute.execution_rate_loss(paths, target), expected)
+        torch.testing.assert_close(dynroute.ExecutionRateLoss(target)(paths), expected)
+
+    def test_a_static_half_path_and_a_per_image_half_path_both_meet_rate_one_half(self) -> None:
+        per_image = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # each block runs for half the images
+        assert dynroute.execution_rate_loss(per_image, 0.5).item() == 0.0
+        pruned = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # block 1 always, block 2 never
+        assert dynroute.execution_rate_loss(pruned, 0.5).item() == pytest.approx(0.25)
+
+    @pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), torch.tensor([[0.5]])])
+    def test_bad_target(self, bad) -> None:
+        with pytest.raises(ValueError, match="target rates"):
+            dynroute.ExecutionRateLoss(bad)
+
+    def test_wrong_number_of_rates(self) -> None:
+        with pytest.raises(ValueError, match="3 target rates"):
+            dynroute.execution_rate_loss(torch.rand(4, 2), torch.tensor([0.1, 0.2, 0.3]))
+
+
+class TestBatchLayout:
+    """The losses need sample-major batches; a view-major one is not detected, so every docstring says so."""
+
+    DOCUMENTED = [
+        dynroute.consistency_loss,
+        dynroute.diversity_loss,
+        dynroute.ConsistencyLoss,
+        dynroute.DiversityLoss,
+        dynroute.CoDiNetLoss,
+    ]
+
+    @pytest.mark.parametrize("loss", DOCUMENTED, ids=[loss.__name__ for loss in DOCUMENTED])
+    def test_docstring_names_the_layout_and_the_one_way_to_build_it(self, loss):
+        doc = " ".join(loss.__doc__.split())
+        assert "sample-major" in doc
+        assert "MultiViewTransform" in doc and "multiview_collate" in doc
+        assert "view-major" in doc and "torch.cat([view1, view2])" in doc
+
+    def test_a_view_major_batch_passes_silently_with_other_values(self):
+        """Two images, each routed the same way in both views: consistency is 0 sample-major, not view-major."""
+        first, second = torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0.0, 1.0, 0.0])
+        sample_major = torch.stack([first, first, second, second])
+        view_major = torch.cat([torch.stack([first, second]), torch.stack([first, second])])  # cat([view1, view2])
+        assert dynroute.consistency_loss(sample_major, num_views=2, margin=0.0).item() == 0.0
+        assert dynroute.consistency_loss(view_major, num_views=2, margin=0.0).item() > 0.0

@@ -111,27 +111,27 @@ class TestCheckpoint:
 
 
 class TestBudgetLoss:
-    """The augmented-Lagrangian cost term and its multiplier update."""
+    """The augmented-Lagrangian cost term, and its multiplier moved by an explicit controller step."""
 
-    def test_loss_and_update_follow_the_formula(self) -> None:
+    def test_loss_follows_the_formula_and_leaves_gamma(self) -> None:
         table = dynroute.macs_table(_routed())
         budget = dynroute.BudgetLoss(table, target=0.5, penalty=3.0, step_size=0.2, initial_gamma=0.7)
         paths = torch.rand(10, table.num_blocks, requires_grad=True)
-        logits = torch.randn(10, table.num_blocks, 2)
         costs = table.block_costs()
         mean = torch.stack([table.fixed_cost() + (paths[i] * costs).sum() for i in range(10)]).mean()
         expected = 0.7 * (mean - 0.5) + 1.5 * (mean - 0.5) ** 2
-        assert torch.allclose(budget(paths, logits), expected, atol=1e-6)
-        decisions = (logits[..., 1] > logits[..., 0]).float()
+        assert torch.allclose(budget(paths), expected, atol=1e-6)
+        assert budget.gamma.item() == pytest.approx(0.7)  # the loss has no side effects
+
+    def test_update_gamma_integrates_the_measured_gap(self) -> None:
+        table = dynroute.macs_table(_routed())
+        budget = dynroute.BudgetLoss(table, target=0.5, step_size=0.2, initial_gamma=0.7)
+        decisions = torch.randint(0, 2, (10, table.num_blocks)).float()
+        costs = table.block_costs()
         measured = torch.stack([table.fixed_cost() + (decisions[i] * costs).sum() for i in range(10)]).mean()
+        assert budget.update_gamma(decisions) == pytest.approx(measured.item(), abs=1e-6)
         assert budget.gamma.item() == pytest.approx(0.7 + 0.2 * (measured.item() - 0.5), abs=1e-6)
         assert budget.last_measured == pytest.approx(measured.item(), abs=1e-6)
-
-    def test_eval_mode_keeps_gamma(self) -> None:
-        table = dynroute.macs_table(_routed())
-        budget = dynroute.BudgetLoss(table, target=0.5, initial_gamma=0.3).eval()
-        budget(torch.rand(4, table.num_blocks))
-        assert budget.gamma.item() == pytest.approx(0.3)
 
     def test_gamma_is_saved(self) -> None:
         table = dynroute.macs_table(_routed())
@@ -140,12 +140,30 @@ class TestBudgetLoss:
         restored.load_state_dict(budget.state_dict())
         assert restored.gamma.item() == pytest.approx(0.3)
 
+    def test_gamma_stops_at_zero(self) -> None:
+        """A batch cheaper than the target lowers gamma to 0, not below; then only the quadratic term pulls."""
+        table = dynroute.macs_table(_routed())
+        budget = dynroute.BudgetLoss(table, target=0.9, penalty=2.0, step_size=0.5, initial_gamma=0.01)
+        skip_all = torch.zeros(4, table.num_blocks)
+        paths = torch.zeros(4, table.num_blocks, requires_grad=True)
+        budget.update_gamma(skip_all)
+        assert 0.01 + 0.5 * (table.fixed_cost() - 0.9) < 0  # the unclamped update would go negative
+        assert budget.gamma.item() == 0.0 and budget.last_measured == pytest.approx(table.fixed_cost())
+        gap = table.fixed_cost() - 0.9
+        assert budget(paths).item() == pytest.approx(0.5 * 2.0 * gap**2, rel=1e-6)
+        assert budget.gamma.item() == 0.0
+
+    @pytest.mark.parametrize("initial_gamma", [-0.1, float("nan")])
+    def test_negative_initial_gamma_is_refused(self, initial_gamma: float) -> None:
+        with pytest.raises(ValueError, match="initial_gamma must be >= 0"):
+            dynroute.BudgetLoss(dynroute.macs_table(_routed()), target=0.5, initial_gamma=initial_gamma)
+
     @pytest.mark.parametrize("target", [0.0, 0.01, 1.5])
     def test_unreachable_target(self, target: float) -> None:
         with pytest.raises(ValueError, match="target must be"):
             dynroute.BudgetLoss(dynroute.macs_table(_routed()), target=target)
 
-    def test_trim_shifts_every_run_logit(self) -> None:
+    def test_trim_moves_every_decision_offset(self) -> None:
         model = dynroute.set_stage(_routed(), 2).train()
         table = dynroute.macs_table(model)
         budget = dynroute.BudgetLoss(table, target=0.5, trim_step=0.3)
@@ -157,6 +175,7 @@ class TestBudgetLoss:
         for before, (_, block) in zip(biases, dynroute.gated_blocks(model)):
             assert block.router.fc2.bias[0] == before[0]
             assert block.router.fc2.bias[1].item() == pytest.approx(before[1].item() + shift, abs=1e-6)
+            assert block.router.decision_offset.item() == pytest.approx(shift, abs=1e-6)
 
     @pytest.mark.slow
     @pytest.mark.parametrize("target", [0.4, 0.65])
@@ -185,11 +204,11 @@ class TestBudgetLoss:
             dynroute.set_stage(model, 1 if step < 160 else 2)
             images, labels = batch(32)
             logits = model(images)
-            loss, _ = criterion(logits, labels, dynroute.routing_paths(model), dynroute.routing_logits(model))
+            loss, _ = criterion(logits, labels, dynroute.routing_paths(model))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            criterion.trim(model)
+            criterion.step(model)
         with torch.no_grad():
             model.eval()(batch(512)[0])
         assert dynroute.macs_fraction(dynroute.routing_paths(model), table) == pytest.approx(target, abs=0.02)
@@ -203,22 +222,23 @@ class TestCoDiNetLoss:
         model.train()
         images = torch.randn(4 * views, 3, 16, 16)
         labels = torch.arange(4).repeat_interleave(views) % 3
-        return model(images), labels, dynroute.routing_paths(model), dynroute.routing_logits(model)
+        return model(images), labels, dynroute.routing_paths(model)
 
-    def test_total_is_the_weighted_sum(self) -> None:
+    @pytest.mark.parametrize("gamma", [0.5, 0.0], ids=["fixed-gamma", "zero-gamma-leaves-the-cost-out"])
+    def test_total_is_the_weighted_sum(self, gamma: float) -> None:
         model = _routed()
         table = dynroute.macs_table(model)
-        criterion = dynroute.CoDiNetLoss(table, num_views=2, alpha=0.3, beta=0.4, gamma=0.5)
-        logits, labels, paths, router_logits = self._forward(model, 2)
-        loss, terms = criterion(logits, labels, paths, router_logits)
+        criterion = dynroute.CoDiNetLoss(table, num_views=2, alpha=0.3, beta=0.4, gamma=gamma)
+        logits, labels, paths = self._forward(model, 2)
+        loss, terms = criterion(logits, labels, paths)
         expected = (
             torch.nn.functional.cross_entropy(logits, labels)
             + 0.3 * dynroute.consistency_loss(paths, 2)
             + 0.4 * dynroute.diversity_loss(paths, 2)
-            + 0.5 * dynroute.cost_loss(paths, table.block_costs(), table.fixed_cost())
+            + gamma * dynroute.cost_loss(paths, table.block_costs(), table.fixed_cost())
         )
         assert torch.allclose(loss, expected)
-        assert set(terms) == {"ce", "consistency", "diversity", "cost"}
+        assert set(terms) == {"ce", "consistency", "diversity"} | ({"cost"} if gamma else set())
 
     def test_one_view_leaves_consistency_out(self) -> None:
         model = _routed()
@@ -227,34 +247,65 @@ class TestCoDiNetLoss:
         assert "consistency" not in terms and "diversity" in terms
         loss.backward()
 
+    def test_negative_gamma_is_refused(self) -> None:
+        with pytest.raises(ValueError, match="gamma must be >= 0, but got -1.0"):
+            dynroute.CoDiNetLoss(dynroute.macs_table(_routed()), num_views=2, gamma=-1.0)
+
+    def test_labels_not_repeated_per_view_name_the_layout(self) -> None:
+        model = _routed()
+        criterion = dynroute.CoDiNetLoss(dynroute.macs_table(model), num_views=2)
+        logits, labels, paths = self._forward(model, 2)
+        with pytest.raises(ValueError, match=r"labels have 4 rows but logits 8; .*\(L \* M,\) = \(8,\).*2 adjacent "):
+            criterion(logits, labels[0::2], paths)
+
     def test_target_uses_the_adaptive_budget(self) -> None:
         model = _routed()
-        criterion = dynroute.CoDiNetLoss(dynroute.macs_table(model), num_views=2, target=0.5)
+        criterion = dynroute.CoDiNetLoss(dynroute.macs_table(model), num_views=2, target=0.5, step_size=0.3)
         assert isinstance(criterion.cost, dynroute.BudgetLoss)
+        criterion.cost.gamma.fill_(1.0)
         _, terms = criterion(*self._forward(model, 2))
-        assert "gamma" in terms
+        assert terms["gamma"] == 1.0 and criterion.cost.gamma.item() == 1.0  # the loss has no side effects
+        decisions = dynroute.routing_decisions(model)
+        criterion.step(model)  # the controller: gamma moves by the cost of the hard decisions of that forward
+        measured = dynroute.macs_fraction(decisions, dynroute.macs_table(model))
+        assert criterion.cost.gamma.item() == pytest.approx(1.0 + 0.3 * (measured - 0.5), abs=1e-6)
+
+    def test_rate_term_adds_the_weighted_execution_rate_loss(self) -> None:
+        model = _routed()
+        table = dynroute.macs_table(model)
+        criterion = dynroute.CoDiNetLoss(table, num_views=2, alpha=0.0, beta=0.0, target=0.6, rate_weight=2.0)
+        logits, labels, paths = self._forward(model, 2)
+        loss, terms = criterion(logits, labels, paths)
+        rate = (0.6 - table.fixed_cost()) / (1 - table.fixed_cost())  # the one rate that spends the budget
+        by_hand = sum((paths[:, k].mean() - rate) ** 2 for k in range(paths.shape[1])) / paths.shape[1]
+        assert terms["rate"] == pytest.approx(by_hand.item(), abs=1e-6)
+        expected = torch.nn.functional.cross_entropy(logits, labels) + 2.0 * by_hand + criterion.cost(paths)
+        torch.testing.assert_close(loss, expected)
+        with pytest.raises(ValueError, match="rate_target"):
+            dynroute.CoDiNetLoss(table, num_views=2, rate_weight=1.0)
 
     def test_stage_two_is_cross_entropy_only(self) -> None:
         model = dynroute.set_stage(_routed(), 2)
         criterion = dynroute.CoDiNetLoss(dynroute.macs_table(model), num_views=2, target=0.5)
-        logits, labels, paths, router_logits = self._forward(model, 2)
-        loss, terms = criterion(logits, labels, paths, router_logits)
+        logits, labels, paths = self._forward(model, 2)
+        loss, terms = criterion(logits, labels, paths)
         assert terms.keys() == {"ce"}
         assert torch.allclose(loss, torch.nn.functional.cross_entropy(logits, labels))
-        assert criterion.cost.gamma.item() == 0.0
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            criterion.trim(model)  # stage 2 drops the path terms by design: no warning
+            criterion.step(model)  # stage 2 drops the path terms by design: no warning
+        assert criterion.cost.gamma.item() == 0.0  # stage 2 trims the threshold, not gamma
 
-    def test_stage_one_step_in_eval_mode_warns_at_trim(self) -> None:
+    def test_stage_one_step_in_eval_mode_warns_at_step(self) -> None:
         model = _routed()
         criterion = dynroute.CoDiNetLoss(dynroute.macs_table(model), num_views=2, target=0.5)
         model.eval()  # a stage-1 step that forgot model.train()
         logits, labels = model(torch.randn(8, 3, 16, 16)), torch.arange(4).repeat_interleave(2) % 3
-        _, terms = criterion(logits, labels, dynroute.routing_paths(model), dynroute.routing_logits(model))
+        _, terms = criterion(logits, labels, dynroute.routing_paths(model))
         assert terms.keys() == {"ce"}
         with pytest.warns(UserWarning, match=r"paths of this stage-1 step carried no gradient.*model.train\(\)"):
-            criterion.trim(model)
+            criterion.step(model)
+        assert criterion.cost.gamma.item() == 0.0
 
     @pytest.mark.parametrize("batch", [8, 7], ids=["views", "single-view-odd-batch"])
     def test_validation_without_autograd_does_not_warn(self, batch) -> None:
@@ -269,11 +320,12 @@ class TestCoDiNetLoss:
         torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, labels))
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            criterion.trim(model)
+            criterion.step(model)
+        assert criterion.cost.gamma.item() == 0.0  # a validation forward does not move the controller
 
 
 class TestCalibrate:
-    """BudgetLoss.calibrate: one shared shift of the run logits puts the eval-mode cost of given images on target."""
+    """calibrate_budget: one shared shift of the decision offsets puts the eval-mode cost of given images on target."""
 
     @staticmethod
     def _model_and_loader() -> tuple[torch.nn.Module, list[torch.Tensor]]:
@@ -300,39 +352,39 @@ class TestCalibrate:
     @pytest.mark.parametrize("target", [0.45, 0.8])
     def test_lands_on_the_target_with_one_shared_shift(self, target: float) -> None:
         model, loader = self._model_and_loader()
+        dynroute.set_decision_offset(model, 0.25)  # calibration shifts from where the offsets are
         before = {key: value.clone() for key, value in model.state_dict().items()}
         assert abs(self._eval_cost(model, loader) - target) > 0.05  # there is a gap to close
-        budget = dynroute.BudgetLoss(dynroute.macs_table(model), target=target)
         model.train()
-        returned = budget.calibrate(model, loader, tolerance=0.01)
+        returned = dynroute.calibrate_budget(model, loader, target, tolerance=0.01)
         assert model.training and all(module.training for module in model.modules())  # mode restored
         assert returned == pytest.approx(self._eval_cost(model, loader), abs=1e-9)
         assert returned == pytest.approx(target, abs=0.01)
         after = model.state_dict()
         shifts = {round((after[key][1] - before[key][1]).item(), 5) for key in before if key.endswith("fc2.bias")}
         assert len(shifts) == 1 and shifts != {0.0}
+        offsets = {round(after[key].item() - 0.25, 5) for key in before if key.endswith("decision_offset")}
+        assert offsets == shifts  # the buffers record the shift folded into the run biases
         for key, value in before.items():
             if key.endswith("fc2.bias"):
                 assert after[key][0] == value[0]
-            else:
+            elif not key.endswith("decision_offset"):
                 assert torch.equal(after[key], value), key
 
     def test_at_most_keeps_the_cost_under_a_cap(self) -> None:
         model, loader = self._model_and_loader()
         start = self._eval_cost(model, loader)
         cap = start - 0.004  # just under the trained cost: within a loose tolerance, but over the cap
-        budget = dynroute.BudgetLoss(dynroute.macs_table(model), target=cap)
-        unchanged = budget.calibrate(copy.deepcopy(model), loader, tolerance=0.01)
+        unchanged = dynroute.calibrate_budget(copy.deepcopy(model), loader, cap, tolerance=0.01)
         assert unchanged == pytest.approx(start)  # as an equality, already close enough
-        returned = budget.calibrate(model, loader, tolerance=0.01, at_most=True)
+        returned = dynroute.calibrate_budget(model, loader, cap, tolerance=0.01, at_most=True)
         assert cap - 0.01 <= returned <= cap
         assert returned == pytest.approx(self._eval_cost(model, loader), abs=1e-9)
 
     def test_cost_already_on_target_changes_nothing(self) -> None:
         model, loader = self._model_and_loader()
         before = {key: value.clone() for key, value in model.state_dict().items()}
-        budget = dynroute.BudgetLoss(dynroute.macs_table(model), target=self._eval_cost(model, loader))
-        budget.calibrate(model, loader)
+        dynroute.calibrate_budget(model, loader, self._eval_cost(model, loader))
         assert all(torch.equal(model.state_dict()[key], value) for key, value in before.items())
 
     def test_failing_loader_leaves_the_trained_thresholds(self) -> None:
@@ -349,13 +401,14 @@ class TestCalibrate:
                 return iter(batches)
 
         with pytest.raises(OSError, match="disk gone"):
-            dynroute.BudgetLoss(dynroute.macs_table(model), target=0.45).calibrate(model, BreaksOnSecondPass())
+            dynroute.calibrate_budget(model, BreaksOnSecondPass(), 0.45)
         assert all(torch.equal(model.state_dict()[key], value) for key, value in before.items())
 
-    def test_needs_a_budget(self) -> None:
+    def test_bad_arguments(self) -> None:
         model, loader = self._model_and_loader()
-        criterion = dynroute.CoDiNetLoss(dynroute.macs_table(model), num_views=2)
-        with pytest.raises(ValueError, match="target="):
-            criterion.calibrate(model, loader)
+        with pytest.raises(ValueError, match="target must be"):
+            dynroute.calibrate_budget(model, loader, 1.5)
         with pytest.raises(ValueError, match="tolerance"):
-            dynroute.BudgetLoss(dynroute.macs_table(model), target=0.5).calibrate(model, loader, tolerance=0)
+            dynroute.calibrate_budget(model, loader, 0.5, tolerance=0)
+        with pytest.raises(TypeError, match="convert"):
+            dynroute.calibrate_budget(CifarResNet(1), loader, 0.5)

@@ -10,11 +10,13 @@ augmented copy in one pass (the paper's path agreement and Fig. 9).
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dynroute._progress import progress_bar
 from dynroute.analysis.accounting import count_distinct_paths, hard_paths, sample_macs, table_mismatch
 from dynroute.conversion.flops import MacsTable, macs_table
 from dynroute.layers.routing import routing_logits, routing_paths
@@ -398,6 +400,7 @@ def collect_routing(
     encoder: Encoder | None = None,
     max_batches: int | None = None,
     table: MacsTable | None = None,
+    progress: bool | None = None,
 ) -> RoutingRecord:
     """Run a converted model over a loader in eval mode and record its paths and predictions.
 
@@ -415,6 +418,8 @@ def collect_routing(
             an ``nn.Module`` encoder is run in eval mode too.
         max_batches: stop after this many batches.
         table: the MAC table of the loader's image size; default :func:`dynroute.macs_table` (model).
+        progress: show a tqdm progress bar over the batches; None (default) shows it when stderr is
+            a terminal.
 
     Returns:
         The :class:`RoutingRecord` of every sample, in loader order.
@@ -424,7 +429,8 @@ def collect_routing(
         >>> record.distinct_paths, record.macs().fraction
     """
     collector = _Collector(model, table)
-    return _collect(collector, loader, device, augment, encoder, max_batches)
+    bar = {"progress": progress, "desc": "collect_routing"}
+    return _collect(collector, loader, device, augment, encoder, max_batches, bar)
 
 
 def collect_for_macs(
@@ -433,10 +439,14 @@ def collect_for_macs(
     device: torch.device | str | None = None,
     max_batches: int | None = None,
     table: MacsTable | None = None,
+    **bar: Any,
 ) -> RoutingRecord:
-    """:func:`collect_routing` for a MAC count: the ValueError of a table of another size comes at that batch."""
+    """:func:`collect_routing` for a MAC count: the ValueError of a table of another size comes at that batch.
+
+    ``bar`` holds the progress bar's ``progress`` switch and tqdm settings (``desc``, ``leave``).
+    """
     collector = _Collector(model, table, stop_on_mismatch=True)
-    return _collect(collector, loader, device, None, None, max_batches)
+    return _collect(collector, loader, device, None, None, max_batches, bar)
 
 
 def _collect(
@@ -446,16 +456,21 @@ def _collect(
     augment: Augment | None,
     encoder: Encoder | None,
     max_batches: int | None,
+    bar: dict[str, Any],
 ) -> RoutingRecord:
-    """Feed ``collector`` the loader's batches in eval mode without gradients; its record."""
+    """Feed ``collector`` the loader's batches in eval mode without gradients, under a progress bar; its record."""
     device = _model_device(collector.model, device)
-    with _evaluating(collector.model, encoder):
+    total = len(loader) if hasattr(loader, "__len__") else None
+    if max_batches is not None:
+        total = max_batches if total is None else min(total, max_batches)
+    with _evaluating(collector.model, encoder), progress_bar(total=total, unit="batch", **bar) as batches:
         for index, batch in enumerate(loader):
             if max_batches is not None and index >= max_batches:
                 break
             images, labels = _split_batch(batch)
             images = images.to(device)
             collector.add(images if augment is None else _augment_each(augment, images), labels, encoder)
+            batches.update()
     return collector.record()
 
 

@@ -91,6 +91,7 @@ def summary(
     max_batches: int | None = None,
     verbose: bool = True,
     table: MacsTable | None = None,
+    progress: bool | None = None,
 ) -> RoutingSummary:
     """Print (and return) a converted model's blocks with their MACs and, over a loader, execution rates.
 
@@ -105,6 +106,8 @@ def summary(
         max_batches: stop after this many batches.
         verbose: print the table.
         table: the MAC table of the loader's image size; default :func:`dynroute.macs_table` (model).
+        progress: show a tqdm progress bar over the loader's batches; None (default) shows it when
+            stderr is a terminal.
 
     Returns:
         The :class:`RoutingSummary`; ``str()`` of it is the table.
@@ -115,7 +118,9 @@ def summary(
     if loader is None:
         result = RoutingSummary(table=macs_table(model) if table is None else table)
     else:
-        record = collect_for_macs(model, loader, device=device, max_batches=max_batches, table=table)
+        record = collect_for_macs(
+            model, loader, device=device, max_batches=max_batches, table=table, progress=progress, desc="summary"
+        )
         result = RoutingSummary.from_record(record)
     if verbose:
         print(result)

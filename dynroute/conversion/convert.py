@@ -1,6 +1,8 @@
 """Retrofit CoDiNet routers onto a ResNet: replace each residual block by a :class:`GatedBlock`."""
 
+import warnings
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
@@ -10,11 +12,27 @@ from dynroute.conversion.flops import attach_macs_table, build_macs_table, first
 from dynroute.conversion.registry import get_adapter, registered_block_types
 from dynroute.layers.gated_block import GatedBlock
 from dynroute.layers.router import Router
+from dynroute.layers.routing import unwrap_model
 from dynroute.layers.stage import adopt_stage
 
 __all__ = ["convert_resnet"]
 
 BlockSelector = str | Iterable[str] | Callable[[str, nn.Module], bool]
+
+_ROUTER_SETTINGS_ATTRIBUTE = "_dynroute_router_settings"
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    """How :func:`convert_resnet` built a model's routers: ``router_layer(in_channels, **kwargs)`` per block."""
+
+    router_layer: type[nn.Module]
+    kwargs: dict[str, Any]
+
+
+def router_settings(model: nn.Module) -> RouterSettings | None:
+    """The router settings ``model`` (or its DDP / compile wrapper) was converted with, or None if not converted."""
+    return getattr(unwrap_model(model), _ROUTER_SETTINGS_ATTRIBUTE, None)
 
 
 def _default_input_size(model: nn.Module) -> tuple[int, int, int]:
@@ -61,6 +79,75 @@ def _find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return blocks
 
 
+# Words in the class names of residual blocks across libraries (BasicBlock, Bottleneck, Bottle2neck, ConvNeXtBlock...).
+_BLOCK_NAME_HINTS = ("Block", "Bottle", "Basic")
+
+
+def _count_layers(module: nn.Module) -> int:
+    """Convolutions and linear layers in ``module`` and below: a residual block has at least two."""
+    return sum(isinstance(child, (nn.modules.conv._ConvNd, nn.Linear)) for child in module.modules())
+
+
+def _unregistered_blocks(model: nn.Module) -> dict[type[nn.Module], list[str]]:
+    """Modules that look like residual blocks but have no adapter, by type, with their dotted names.
+
+    A candidate is a module with at least two convolution or linear layers, of a class not defined
+    in ``torch.nn``, not inside a registered block, that is a child of an ``nn.Sequential`` (a stage)
+    or of a class whose name says block (``Block``, ``Bottle``, ``Basic``). A candidate most of
+    whose layers sit in candidates held by ``nn.Sequential`` containers inside it is a stage and gives
+    way to them; of the rest nested in one another (a block and its squeeze-excitation) the
+    outermost is the block.
+    """
+    candidates: dict[str, int] = {}  # dotted name -> layers
+    in_sequence: set[str] = set()  # candidates that are children of an nn.Sequential
+    modules: dict[str, nn.Module] = {}
+    skipped: list[str] = []  # registered blocks: what is inside them is theirs
+    for parent_name, parent in model.named_modules():
+        if any(parent_name == name or parent_name.startswith(name + ".") for name in skipped):
+            continue
+        for child_name, child in parent.named_children():
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            if get_adapter(child) is not None:
+                skipped.append(name)
+                continue
+            kind = type(child)
+            if kind.__module__.startswith("torch.nn") or name in candidates:
+                continue
+            sequence = isinstance(parent, nn.Sequential)
+            layers = _count_layers(child)
+            if layers >= 2 and (sequence or any(hint in kind.__name__ for hint in _BLOCK_NAME_HINTS)):
+                candidates[name], modules[name] = layers, child
+                if sequence:
+                    in_sequence.add(name)
+
+    def inside(name: str, outer: str) -> bool:
+        return name.startswith(outer + ".")
+
+    def outermost(names: list[str]) -> list[str]:
+        return [name for name in names if not any(inside(name, outer) for outer in names)]
+
+    def held_by_sequences(outer: str) -> int:
+        return sum(
+            candidates[name] for name in outermost([n for n in candidates if inside(n, outer)]) if name in in_sequence
+        )
+
+    stages = {outer for outer in candidates if 2 * held_by_sequences(outer) > candidates[outer]}
+    found: dict[type[nn.Module], list[str]] = {}
+    for name in outermost([name for name in candidates if name not in stages]):
+        found.setdefault(type(modules[name]), []).append(name)
+    return found
+
+
+def _describe_unregistered(found: dict[type[nn.Module], list[str]]) -> str:
+    """``timm.models.res2net.Bottle2neck (16 blocks: 'layer1.0', 'layer1.1', ...)`` for each type found."""
+    parts = []
+    for kind, names in found.items():
+        shown = ", ".join(repr(name) for name in names[:2]) + (", ..." if len(names) > 2 else "")
+        count = f"{len(names)} block{'s' if len(names) > 1 else ''}"
+        parts.append(f"{kind.__module__}.{kind.__qualname__} ({count}: {shown})")
+    return "; ".join(parts)
+
+
 def _check_input(model: nn.Module, args: tuple) -> None:
     """Forward pre-hook of a converted model: unbatched or empty input fails before the stem, naming the fix."""
     if args and isinstance(args[0], Tensor):
@@ -85,13 +172,19 @@ def convert_resnet(
     model: nn.Module,
     input_size: tuple[int, int, int] | None = None,
     blocks: BlockSelector | None = None,
+    router_layer: Callable[..., nn.Module] = Router,
     **router_kwargs: Any,
 ) -> nn.Module:
     """Give each residual block of ``model`` a router, in place, and measure its MAC table.
 
     Works on timm and torchvision ResNets (and ResNeXts, wide and SE/ECA variants) and on
     :mod:`dynroute.models` CIFAR ResNets; other blocks can be taught with
-    :func:`dynroute.register_block`. The forward signature and outputs are unchanged; with every
+    :func:`dynroute.register_block`. A model whose residual-looking blocks (children of its
+    ``nn.Sequential`` stages, or classes named ``*Block*`` / ``*Bottle*`` / ``*Basic*``) are all of
+    unknown types is a TypeError naming those types; blocks of unknown types next to supported
+    ones are left dense, with a warning naming them.
+
+    The forward signature and outputs are unchanged; with every
     gate forced open (:func:`dynroute.force_gates`) the logits are the original's. The ``state_dict``
     keeps the original's keys and adds ``<block>.router.*``: load the original's weights with
     :func:`dynroute.load_dense_state_dict` (a strict ``load_state_dict`` misses the router keys).
@@ -102,7 +195,10 @@ def convert_resnet(
             except for timm models, which default to their own.
         blocks: which residual blocks to gate: a dotted name (``"layer1.0"``), an iterable of
             them, or a predicate ``(name, block) -> bool``; default all.
-        **router_kwargs: passed to every :class:`Router` (``rd_ratio``, ``temperature``,
+        router_layer: the router class, called as ``router_layer(in_channels, **router_kwargs)`` for each
+            block: :class:`Router` (per-image decisions, the default) or :class:`StaticRouter` (one
+            learned decision for every image: the learned-pruning ablation).
+        **router_kwargs: passed to every router (``rd_ratio``, ``temperature``,
             ``relaxation``, ``init_open_prob``, ...).
 
     Returns:
@@ -118,10 +214,29 @@ def convert_resnet(
         raise TypeError(f"model must be a torch.nn.Module, but got {type(model).__name__}")
     found = _find_blocks(model)
     if not found:
+        unregistered = _unregistered_blocks(model)
+        if unregistered:
+            example = next(iter(unregistered)).__name__
+            raise TypeError(
+                f"{type(model).__name__} has no supported residual blocks; it has blocks of types dynroute does not "
+                f"know: {_describe_unregistered(unregistered)}. Supported: {_supported_names()}. Teach the converter "
+                f"each type with dynroute.register_block({example}, dynroute.BlockAdapter(residual=..., "
+                "shortcut=..., activation=..., in_channels=...)), which says how the block splits into residual "
+                "branch, shortcut and final activation (docs/how-to/new-block.md)"
+            )
         raise TypeError(
-            f"{type(model).__name__} has no supported residual blocks; supported: "
-            f"{_supported_names()}. "
+            f"{type(model).__name__} has no supported residual blocks, and no module that looks like one; "
+            f"supported: {_supported_names()}. "
             "Teach the converter yours with dynroute.register_block(BlockType, dynroute.BlockAdapter(...))"
+        )
+    unregistered = _unregistered_blocks(model)
+    if unregistered:
+        warnings.warn(
+            f"convert_resnet gates the supported blocks of {type(model).__name__} but leaves these dense, being of "
+            f"types dynroute does not know: {_describe_unregistered(unregistered)}. To gate them too, "
+            f"register each type first with dynroute.register_block({next(iter(unregistered)).__name__}, "
+            "dynroute.BlockAdapter(...)) (docs/how-to/new-block.md)",
+            stacklevel=2,
         )
     selected = _select(found, blocks)
     if not selected:
@@ -132,7 +247,7 @@ def convert_resnet(
     try:
         for name, block in selected:
             adapter = get_adapter(block)
-            router = Router(adapter.in_channels(block), **router_kwargs)
+            router = router_layer(adapter.in_channels(block), **router_kwargs)
             parameter = next(block.parameters(), None)
             if parameter is not None:
                 router.to(device=parameter.device, dtype=parameter.dtype)
@@ -145,6 +260,7 @@ def convert_resnet(
             adopt_stage(parent)
         hook = model.register_forward_pre_hook(_check_input)
         attach_macs_table(model, build_macs_table(model, input_size))
+        object.__setattr__(model, _ROUTER_SETTINGS_ATTRIBUTE, RouterSettings(router_layer, dict(router_kwargs)))
     except BaseException:
         _restore(replaced, hook)
         raise

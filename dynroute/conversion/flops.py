@@ -21,7 +21,7 @@ with warnings.catch_warnings():  # fvcore scripts helpers with torch.jit, which 
 from dynroute._validation import check_input_size
 from dynroute.layers.routing import force_gates, gated_blocks, unwrap_model
 
-__all__ = ["MacsTable", "build_macs_table", "macs_table"]
+__all__ = ["MacsTable", "count_macs", "build_macs_table", "macs_table"]
 
 _TABLE_ATTRIBUTE = "_dynroute_macs_table"
 
@@ -92,7 +92,7 @@ class MacsTable:
         return self.format()
 
 
-def count_macs(
+def fvcore_analysis(
     model: nn.Module, input_size: tuple[int, ...], op_handles: dict[str, Callable] | None = None
 ) -> FlopCountAnalysis:
     """fvcore analysis of one eval forward of a deep copy of ``model`` on a batch of one.
@@ -142,6 +142,37 @@ def _run_at(model: nn.Module, input_size: tuple[int, int, int]) -> None:
         ) from error
 
 
+def count_macs(model: nn.Module, input_size: tuple[int, int, int]) -> int:
+    """MACs of one image of ``input_size`` through the dense network of ``model``, measured with fvcore.
+
+    The dense network is ``model`` itself if it is not converted; for a converted model it is the
+    network it was converted from: every gate forced open, routers not counted. So a model gives the
+    same count before and after :func:`dynroute.convert_resnet`, and a converted one gives
+    ``macs_table(model).dense_macs`` at the table's input size. One multiply-add counts as one MAC.
+    ``model`` (or its DDP / ``torch.compile`` wrapper) is not changed: fvcore traces a deep copy in
+    eval mode.
+
+    Args:
+        model: any network that takes a batch of images (N, C, H, W).
+        input_size: (C, H, W) of one image, channels first.
+
+    Returns:
+        The MACs of one forward of one image.
+
+    Example:
+        >>> dynroute.count_macs(torchvision.models.resnet18(), (3, 224, 224))
+        1819065856
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, but got {type(model).__name__}")
+    input_size = check_input_size(input_size)
+    measured = copy.deepcopy(unwrap_model(model)).eval()
+    if any(True for _ in gated_blocks(measured)):
+        force_gates(measured, "open")
+    _run_at(measured, input_size)
+    return fvcore_analysis(measured, input_size).total()
+
+
 def check_table(table: MacsTable) -> None:
     """Raise a TypeError naming the fix unless ``table`` is a :class:`MacsTable`."""
     if not isinstance(table, MacsTable):
@@ -167,11 +198,11 @@ def build_macs_table(model: nn.Module, input_size: tuple[int, ...]) -> MacsTable
     names = [name for name, _ in blocks]
     _run_at(force_gates(measured, "open"), input_size)
     shapes = tuple(tuple(block.last_input_shape[1:]) for _, block in blocks)
-    by_module_open = count_macs(measured, input_size).by_module()
-    closed = count_macs(force_gates(measured, "closed"), input_size)
+    by_module_open = fvcore_analysis(measured, input_size).by_module()
+    closed = fvcore_analysis(force_gates(measured, "closed"), input_size)
     by_module_closed = closed.by_module()
     router_macs = tuple(
-        count_macs(block.router, shape, _ROUTER_OP_HANDLES).total() for (_, block), shape in zip(blocks, shapes)
+        fvcore_analysis(block.router, shape, _ROUTER_OP_HANDLES).total() for (_, block), shape in zip(blocks, shapes)
     )
     routers_in_trace = sum(by_module_closed[f"{name}.router"] for name in names)
     return MacsTable(

@@ -101,6 +101,47 @@ def _bare_layers(router: nn.Module) -> _BareTensors | None:
     return *first, *second
 
 
+def check_gate_settings(temperature: float, relaxation: str, init_open_prob: float) -> None:
+    """Raise a ValueError naming the bad value unless the settings every router shares are valid."""
+    if not 0.0 < init_open_prob < 1.0:
+        raise ValueError(f"init_open_prob must lie strictly between 0 and 1, but got {init_open_prob}")
+    if not temperature > 0:  # NaN too
+        raise ValueError(f"temperature must be positive, but got {temperature}")
+    if relaxation not in _RELAXATIONS:
+        raise ValueError(f"relaxation must be one of {_RELAXATIONS}, but got {relaxation!r}")
+
+
+def open_logit(open_prob: float) -> float:
+    """The "run" logit, over a "skip" logit of 0, that opens a gate with probability ``open_prob``."""
+    return math.log(open_prob / (1 - open_prob))
+
+
+@torch.no_grad()
+def set_decision_offset(router: nn.Module, offset: float) -> None:
+    """Set ``router``'s decision offset: its "run" logit is ``offset`` above what training left.
+
+    The offset is folded into the run bias (``router.run_bias``), so a forward costs nothing more, and kept
+    in the ``decision_offset`` buffer, so the next call moves the bias by the difference only and the
+    ``state_dict`` records it. A gate runs a block when ``run + offset > skip``: a run probability above
+    ``sigmoid(-offset)`` rather than above 0.5. Positive offsets open more gates, negative ones fewer.
+    """
+    offset = float(offset)
+    if offset != offset or abs(offset) == math.inf:  # NaN or inf
+        raise ValueError(f"the decision offset must be a finite number of logits, but got {offset}")
+    router.run_bias.add_(offset - router.decision_offset.item())
+    router.decision_offset.fill_(offset)
+
+
+def load_with_offset(router: nn.Module, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+    """``nn.Module._load_from_state_dict`` that reads a checkpoint saved before routers had ``decision_offset``.
+
+    Such a checkpoint's run bias already holds any shift that trimming or calibration applied, so its offset
+    counts as 0.
+    """
+    state_dict.setdefault(f"{prefix}decision_offset", torch.zeros(()))
+    nn.Module._load_from_state_dict(router, state_dict, prefix, *args, **kwargs)
+
+
 class Router(nn.Module):
     """Gate of one residual block: GAP -> fc1 -> act -> fc2 -> logits (N, 2) of (skip, run).
 
@@ -116,6 +157,11 @@ class Router(nn.Module):
         temperature: Gumbel-softmax temperature T of Eq. 7.
         relaxation: ``"gumbel"`` (default) or ``"straight_through"``.
         init_open_prob: probability that the gate opens at initialisation, in (0, 1).
+
+    Attributes:
+        decision_offset: a buffer, the logits by which :meth:`set_decision_offset` raised the "run" logit
+            over what training left (0 after conversion). :func:`dynroute.calibrate_budget` and
+            :func:`dynroute.set_decision_offset` set it for every router of a model at once.
 
     Example:
         >>> router = Router(64)
@@ -135,12 +181,7 @@ class Router(nn.Module):
         init_open_prob: float = 0.9,
     ) -> None:
         super().__init__()
-        if not 0.0 < init_open_prob < 1.0:
-            raise ValueError(f"init_open_prob must lie strictly between 0 and 1, but got {init_open_prob}")
-        if not temperature > 0:  # NaN too
-            raise ValueError(f"temperature must be positive, but got {temperature}")
-        if relaxation not in _RELAXATIONS:
-            raise ValueError(f"relaxation must be one of {_RELAXATIONS}, but got {relaxation!r}")
+        check_gate_settings(temperature, relaxation, init_open_prob)
         if hidden_channels is None:
             hidden_channels = max(rd_min, round(in_channels * rd_ratio))
         self.temperature = temperature
@@ -149,13 +190,23 @@ class Router(nn.Module):
         self.fc1 = nn.Linear(in_channels, hidden_channels)
         self.act = act_layer()
         self.fc2 = nn.Linear(hidden_channels, 2)
+        self.register_buffer("decision_offset", torch.zeros(()))
         self.reset_gate()
 
+    @property
+    def run_bias(self) -> Tensor:
+        """The bias of the "run" logit, the entry that :meth:`set_decision_offset` shifts."""
+        return self.fc2.bias[1:]
+
     def reset_gate(self) -> None:
-        """Zero the last layer's weights and set its bias to open with ``init_open_prob``."""
+        """Zero the last layer's weights and set its bias to open with ``init_open_prob`` (offset 0)."""
         nn.init.zeros_(self.fc2.weight)
         with torch.no_grad():
-            self.fc2.bias.copy_(torch.tensor([0.0, math.log(self.init_open_prob / (1 - self.init_open_prob))]))
+            self.fc2.bias.copy_(torch.tensor([0.0, open_logit(self.init_open_prob)]))
+            self.decision_offset.zero_()
+
+    set_decision_offset = set_decision_offset
+    _load_from_state_dict = load_with_offset
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits (N, 2) of (skip, run) for block input x of shape (N, C, H, W), in the router's dtype.
@@ -208,7 +259,10 @@ class Router(nn.Module):
         return relaxed_gate(logits, self.temperature, self.relaxation)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, relaxation={self.relaxation!r}, init_open_prob={self.init_open_prob}"
+        return (
+            f"temperature={self.temperature}, relaxation={self.relaxation!r}, init_open_prob={self.init_open_prob}, "
+            f"decision_offset={self.decision_offset.item():g}"
+        )
 
 
 # Router's own forward; one patched on the class later, or a subclass's, is called as is.

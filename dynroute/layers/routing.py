@@ -6,8 +6,17 @@ import torch
 from torch import Tensor, nn
 
 from dynroute.layers.gated_block import Execution, ForcedGate, GatedBlock
+from dynroute.layers.router import hard_gate
 
-__all__ = ["gated_blocks", "force_gates", "set_execution", "routing_paths", "routing_logits"]
+__all__ = [
+    "gated_blocks",
+    "force_gates",
+    "set_execution",
+    "set_decision_offset",
+    "routing_paths",
+    "routing_logits",
+    "routing_decisions",
+]
 
 
 def gated_blocks(model: nn.Module) -> Iterator[tuple[str, GatedBlock]]:
@@ -62,6 +71,29 @@ def set_execution(model: nn.Module, execution: Execution) -> nn.Module:
     return model
 
 
+def set_decision_offset(model: nn.Module, offset: float) -> nn.Module:
+    """Set every router's decision offset to ``offset`` logits: one shared decision threshold for the model.
+
+    A block runs for an image when its router's "run" logit, raised by ``offset``, beats the "skip" logit:
+    offset 0 is the trained argmax, a positive offset opens more gates (more MACs), a negative one fewer.
+    Sweeping it trades accuracy for MACs on one trained model; :func:`dynroute.calibrate_budget` finds the
+    offset that meets a budget. The offset is kept in each router's ``decision_offset`` buffer (so it is
+    saved with the ``state_dict``) and folded into its run bias (so it costs nothing at inference).
+
+    Returns:
+        The same model, for chaining.
+    """
+    for _, block in require_gated_blocks(model):
+        block.router.set_decision_offset(offset)
+    return model
+
+
+def shift_decision_offsets(model: nn.Module, shift: float) -> None:
+    """Raise every router's decision offset by ``shift`` logits, keeping their differences."""
+    for _, block in require_gated_blocks(model):
+        block.router.set_decision_offset(block.router.decision_offset.item() + shift)
+
+
 def _stack_last(model: nn.Module, attribute: str) -> Tensor:
     blocks = require_gated_blocks(model)
     values = [getattr(block, attribute) for _, block in blocks]
@@ -92,3 +124,13 @@ def routing_paths(model: nn.Module) -> Tensor:
 def routing_logits(model: nn.Module) -> Tensor:
     """Router logits of the last forward, shape (N, n_blocks, 2) of (skip, run)."""
     return _stack_last(model, "last_logits")
+
+
+def routing_decisions(model: nn.Module) -> Tensor:
+    """Hard decisions of the last forward, shape (N, n_blocks), float 0/1: the path each image would take at test time.
+
+    In eval mode (or stage 2) these are :func:`routing_paths`; in stage-1 training they are the argmax of the
+    router logits behind the relaxed gates (what :meth:`dynroute.BudgetLoss.update_gamma` measures).
+    """
+    logits = routing_logits(model)
+    return hard_gate(logits.flatten(0, 1)).view(logits.shape[:2])

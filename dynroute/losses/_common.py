@@ -49,7 +49,7 @@ def check_paths(paths: Tensor, num_views: int | None = None) -> None:
         if paths.shape[0] % num_views:
             raise ValueError(
                 f"a batch of {paths.shape[0]} paths does not split into views of {num_views}; lay the batch out as "
-                "L samples x M views (dynroute.data does) and pass num_views=M"
+                "L samples x M views (dynroute.MultiViewTransform + dynroute.multiview_collate do) and pass num_views=M"
             )
     if not torch.compiler.is_compiling():
         finite = torch.isfinite(paths).all()
@@ -86,7 +86,7 @@ def check_consistency_views(num_views: int) -> None:
     if num_views < 2:
         raise ValueError(
             f"consistency needs at least 2 views per sample, but got num_views={num_views}; build M >= 2 views "
-            "with dynroute.data.MultiViewTransform or leave the consistency term out"
+            "with dynroute.MultiViewTransform or leave the consistency term out"
         )
 
 

@@ -1,35 +1,29 @@
 """Budget control: hold a routed network's average cost at a requested fraction of dense MACs.
 
 CoDiNet weights its cost loss (Eq. 11) with a gamma that is "tuned adaptive" without saying how.
-Here gamma is a Lagrange multiplier adapted during training by the method of multipliers
-(augmented Lagrangian) on the constraint ``E[cost] = target``:
+Here gamma is a Lagrange multiplier of the constraint ``E[cost] <= target``, adapted during training
+by the method of multipliers (augmented Lagrangian). Two roles, kept apart:
 
-    loss = gamma * (c - target) + penalty / 2 * (c - target)^2
-    gamma <- gamma + step_size * (measured - target)        after every training batch
+- the loss, :meth:`BudgetLoss.forward`: ``gamma * (c - target) + penalty / 2 * (c - target)^2``,
+  where ``c`` is the batch mean of the relaxed path costs (differentiable, it trains the routers);
+  it has no side effects;
+- the controller, :meth:`BudgetLoss.update_gamma`, one explicit step per training batch:
+  ``gamma <- max(0, gamma + step_size * (measured - target))``, where ``measured`` is the batch mean
+  cost of the hard decisions the network would take at test time, averaged over processes under DDP
+  so every rank keeps the same gamma. :meth:`dynroute.CoDiNetLoss.step` calls it for you.
 
-``c`` is the batch mean of the relaxed path costs (differentiable, it trains the routers);
-``measured`` is the batch mean cost of the hard decisions the network would take at test time
-(argmax of the router logits), averaged over processes under DDP so every rank keeps the same
-gamma. The quadratic term pulls the cost towards the target at once; the multiplier integrates
-the remaining gap, including the gap between relaxed training gates and hard test decisions, so
-the test-time cost settles on the target rather than wherever the classification loss balances
-the penalty. gamma may go negative: the target is an equality, a network that runs too cheap is
-pushed back up.
+The quadratic term pulls the cost towards the target at once; the multiplier integrates the
+remaining gap, including the gap between relaxed training gates and hard test decisions. gamma never
+goes negative: a network that runs cheaper than its budget is not rewarded for cost, and the
+quadratic term alone pulls it back up.
 
 Relaxed gates are not hard ones: later routers see features mixed by soft gates in training and
 by 0/1 decisions at test time, so the cost measured in stage 1 is only close to the test-time
 cost. Stage 2 runs the hard decisions, so its measured cost is the test-time cost; there
-:meth:`BudgetLoss.trim` closes the remaining gap by moving one shared offset on every router's
-"run" logit (an integral controller on the decision threshold; the router weights stay frozen).
-
-The cost measured on augmented training views is still not the cost on clean images: padded
-random crops route differently from the un-augmented images a deployed model sees. After
-training, :meth:`BudgetLoss.calibrate` sets the same shared offset by bisection so the eval-mode
-cost over images you give it (training images under the evaluation transform, say) lands on the
-target.
+:meth:`BudgetLoss.trim` closes the remaining gap by moving the routers' shared decision offset (an
+integral controller on the decision threshold; the router weights stay frozen). After training,
+:func:`dynroute.calibrate_budget` sets that offset from images like the deployed model's.
 """
-
-from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -37,10 +31,8 @@ from torch import Tensor, nn
 
 from dynroute._validation import check_target
 from dynroute.analysis.accounting import hard_paths
-from dynroute.analysis.metrics import collect_for_macs
 from dynroute.conversion.flops import MacsTable, check_table
-from dynroute.layers.router import hard_gate
-from dynroute.layers.routing import gated_blocks, routing_paths
+from dynroute.layers.routing import routing_paths, shift_decision_offsets
 from dynroute.losses.cost import path_costs
 
 __all__ = ["BudgetLoss"]
@@ -54,17 +46,19 @@ class BudgetLoss(nn.Module):
         target: the budget, a fraction of dense MACs in (fixed cost, 1].
         penalty: weight of the quadratic term ``(c - target)^2 / 2``.
         step_size: how fast gamma integrates the measured gap, per batch.
-        initial_gamma: the multiplier to start from.
-        trim_step: logits the decision threshold moves per unit of cost gap in :meth:`trim`.
+        initial_gamma: the multiplier to start from, >= 0.
+        trim_step: logits the decision offset moves per unit of cost gap in :meth:`trim`.
 
     Attributes:
         gamma: the current multiplier, a buffer (saved in the ``state_dict``, so training resumes
             with it).
-        last_measured: test-time cost fraction of the last training batch.
+        last_measured: test-time cost fraction of the last batch given to :meth:`update_gamma` or :meth:`trim`.
 
     Example:
         >>> budget = BudgetLoss(dynroute.macs_table(model), target=0.6)
-        >>> loss = ce + budget(dynroute.routing_paths(model), dynroute.routing_logits(model))
+        >>> loss = ce + budget(dynroute.routing_paths(model))
+        >>> loss.backward(); optimizer.step()
+        >>> budget.update_gamma(dynroute.routing_decisions(model))  # CoDiNetLoss.step(model) does this
     """
 
     def __init__(
@@ -82,114 +76,47 @@ class BudgetLoss(nn.Module):
         check_target(target, fixed)
         if penalty < 0 or step_size < 0:
             raise ValueError(f"penalty and step_size must be >= 0, but got {penalty} and {step_size}")
+        if not initial_gamma >= 0:  # NaN fails too
+            raise ValueError(
+                f"initial_gamma must be >= 0, but got {initial_gamma}; a negative cost weight rewards cost "
+                "(a network under the target is pulled up by the quadratic term)"
+            )
         self.register_buffer("block_costs", table.block_costs(), persistent=False)
         self.register_buffer("gamma", torch.tensor(float(initial_gamma)))
         self.fixed_cost = fixed
         self.target, self.penalty, self.step_size, self.trim_step = target, penalty, step_size, trim_step
         self.last_measured: float | None = None
 
-    def forward(self, paths: Tensor, logits: Tensor | None = None) -> Tensor:
-        """Loss for relaxed ``paths`` (N, n_blocks); updates gamma in train mode.
+    def forward(self, paths: Tensor) -> Tensor:
+        """Loss of relaxed ``paths`` (N, n_blocks), ``dynroute.routing_paths(model)``, at the current gamma."""
+        gap = path_costs(paths, self.block_costs, self.fixed_cost).mean() - self.target
+        return self.gamma.item() * gap + 0.5 * self.penalty * gap.pow(2)
+
+    @torch.no_grad()
+    def update_gamma(self, decisions: Tensor) -> float:
+        """The controller step, once per training batch: move gamma by the measured cost gap, never below 0.
 
         Args:
-            paths: relaxed gates of the batch, ``dynroute.routing_paths(model)``.
-            logits: router logits (N, n_blocks, 2), ``dynroute.routing_logits(model)``; their argmax
-                is the test-time decision whose cost gamma steers. Without them the relaxed gates are
-                thresholded at 0.5.
+            decisions: the batch's hard decisions (N, n_blocks), 0/1: what the network would run at test
+                time, ``dynroute.routing_decisions(model)`` after the training forward.
+
+        Returns:
+            The measured cost, a fraction of dense MACs (averaged over processes under DDP).
         """
-        gap = path_costs(paths, self.block_costs, self.fixed_cost).mean() - self.target
-        loss = self.gamma.item() * gap + 0.5 * self.penalty * gap.pow(2)
-        if self.training and torch.is_grad_enabled():
-            self._update_gamma(paths if logits is None else hard_gate(logits.flatten(0, 1)).view(paths.shape))
-        return loss
+        measured = self._measure(decisions)
+        self.gamma.add_(self.step_size * (measured - self.target)).clamp_(min=0.0)
+        return measured
 
     @torch.no_grad()
     def trim(self, model: nn.Module) -> float:
-        """Stage 2: shift every router's "run" logit so the hard cost of the last forward nears the target.
+        """Stage 2: move every router's decision offset so the hard cost of the last forward nears the target.
 
         Call it after each stage-2 training forward (routers frozen, hard decisions). Returns the
         shift applied, ``-trim_step * (measured - target)`` logits.
         """
         shift = -self.trim_step * (self._measure(routing_paths(model)) - self.target)
-        for bias in _run_biases(model):
-            bias[1] += shift
+        shift_decision_offsets(model, shift)
         return shift
-
-    @torch.no_grad()
-    def calibrate(
-        self,
-        model: nn.Module,
-        loader: Iterable,
-        tolerance: float = 0.002,
-        max_passes: int = 16,
-        max_batches: int | None = None,
-        at_most: bool = False,
-        table: MacsTable | None = None,
-    ) -> float:
-        """After training: shift every router's "run" logit so the eval-mode cost over ``loader`` meets the target.
-
-        Bisection on one shared offset (the one :meth:`trim` moves), each step a pass over the loader
-        in eval mode; the model is left in the mode it had. Pass images the model will meet at test
-        time without their labels mattering, e.g. training images under the evaluation transform,
-        never the test set you report on. The cost is counted with ``table``, so images of another
-        input size than the table's raise a ValueError at that batch (the routers left as they were); to
-        calibrate at another size (train at 224, test at 256), pass a table of it,
-        ``table=dynroute.build_macs_table(model, (C, H, W))``.
-
-        Args:
-            model: the trained, converted network (this loss's table).
-            loader: yields image batches or ``(images, labels, ...)`` tuples, in a fixed order.
-            tolerance: stop once the measured cost is this close to the target (fraction of dense).
-            max_passes: most passes over the loader.
-            max_batches: use only this many batches of the loader.
-            at_most: treat the target as a cap: keep only offsets whose cost is at or under it
-                (between ``target - tolerance`` and ``target`` when the bisection gets there).
-            table: the MAC table of the loader's image size; default :func:`dynroute.macs_table` (model).
-
-        Returns:
-            The cost fraction measured at the offset kept: the closest to the target seen (with
-            ``at_most``, the closest at or under it, if any was).
-        """
-        if tolerance <= 0 or max_passes < 1:
-            raise ValueError(f"tolerance must be > 0 and max_passes >= 1, but got {tolerance} and {max_passes}")
-
-        run_biases = _run_biases(model)
-        trained = [bias.detach().clone() for bias in run_biases]
-
-        def set_offset(offset: float) -> None:
-            for bias, value in zip(run_biases, trained):
-                bias.copy_(value)
-                bias[1] += offset
-
-        def cost_at(offset: float) -> float:
-            set_offset(offset)
-            return collect_for_macs(model, loader, max_batches=max_batches, table=table).macs().fraction
-
-        def closest() -> float:
-            allowed = [offset for offset in measured if not at_most or measured[offset] <= self.target]
-            return min(allowed or measured, key=lambda offset: abs(measured[offset] - self.target))
-
-        def done() -> bool:
-            cost = measured[closest()]
-            return abs(cost - self.target) <= tolerance and (not at_most or cost <= self.target)
-
-        measured: dict[float, float] = {}
-        try:
-            measured[0.0] = cost_at(0.0)
-            # Bracket the target (a larger "run" logit opens more gates), doubling the step until the
-            # cost crosses it; then halve the bracket.
-            direction = 1.0 if measured[0.0] < self.target else -1.0
-            short_of, past, step = 0.0, None, 1.0
-            while len(measured) < max_passes and not done():
-                offset = direction * step if past is None else (short_of + past) / 2
-                measured[offset] = cost_at(offset)
-                if (measured[offset] - self.target) * direction >= 0:
-                    past = offset
-                else:
-                    short_of, step = offset, 2 * step
-        finally:  # keep the best offset found, the trained one if nothing was measured
-            set_offset(closest() if measured else 0.0)
-        return measured[closest()]
 
     @torch.no_grad()
     def _measure(self, decisions: Tensor) -> float:
@@ -201,17 +128,8 @@ class BudgetLoss(nn.Module):
         self.last_measured = measured.item()
         return self.last_measured
 
-    @torch.no_grad()
-    def _update_gamma(self, decisions: Tensor) -> None:
-        self.gamma += self.step_size * (self._measure(decisions) - self.target)
-
     def extra_repr(self) -> str:
         return (
             f"target={self.target}, penalty={self.penalty}, step_size={self.step_size}, trim_step={self.trim_step}, "
             f"gamma={self.gamma.item():.4f}, fixed_cost={self.fixed_cost:.4f}"
         )
-
-
-def _run_biases(model: nn.Module) -> list[Tensor]:
-    """The output bias of every router of ``model``; entry 1 is the "run" logit's offset."""
-    return [block.router.fc2.bias for _, block in gated_blocks(model)]

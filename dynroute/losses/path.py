@@ -2,7 +2,13 @@
 
 Paths are laid out sample-major: a batch of L samples with M augmented views each is a tensor of
 shape (L * M, n_blocks) whose rows ``i * M .. i * M + M - 1`` are the views of sample i, as
-:func:`dynroute.routing_paths` returns them for a batch built that way.
+:func:`dynroute.routing_paths` returns them for a batch built that way. The one way to build such
+a batch is :class:`dynroute.MultiViewTransform` as the dataset's transform and
+:func:`dynroute.multiview_collate` as the loader's ``collate_fn``. A view-major batch
+(``torch.cat([view1, view2])``: all first views, then all second views) has the same shape and
+cannot be told apart from the paths: the losses would group the views of different images, so
+consistency pulls the paths of different images together and diversity pushes the views of one
+image apart, without an error.
 """
 
 import torch
@@ -37,6 +43,11 @@ def _centres(paths: Tensor, num_views: int) -> Tensor:
 def consistency_loss(paths: Tensor, num_views: int, margin: float = 0.2, reduction: str = "mean") -> Tensor:
     """Eq. 8: ``[ ||r_ij - c_i||_2 - m_c ]_+^2`` averaged over the L * M views.
 
+    ``paths`` must be sample-major, from a batch built with :class:`dynroute.MultiViewTransform` and
+    :func:`dynroute.multiview_collate`. A view-major batch (``torch.cat([view1, view2])``) is not
+    detected: its rows would be grouped across images, and the loss would pull the paths of
+    different images together.
+
     Args:
         paths: relaxed paths (L * M, n_blocks), sample-major.
         num_views: M, the views per sample; at least 2, else a ValueError (one view has no other view
@@ -55,6 +66,11 @@ def consistency_loss(paths: Tensor, num_views: int, margin: float = 0.2, reducti
 @in_float32
 def diversity_loss(paths: Tensor, num_views: int, margin: float = 0.5, reduction: str = "mean") -> Tensor:
     """Eq. 9: ``[ m_d - ||c_i - c_j||_2 ]_+^2`` averaged over the L (L - 1) ordered pairs i != j.
+
+    ``paths`` must be sample-major, from a batch built with :class:`dynroute.MultiViewTransform` and
+    :func:`dynroute.multiview_collate`. A view-major batch (``torch.cat([view1, view2])``) is not
+    detected: its centres would mix different images, and the loss would push the views of one
+    image apart.
 
     Args:
         paths: relaxed paths (L * M, n_blocks), sample-major; centres c_i are the means over views.
@@ -79,6 +95,10 @@ def diversity_loss(paths: Tensor, num_views: int, margin: float = 0.5, reduction
 class ConsistencyLoss(nn.Module):
     """Eq. 8 as a module; see :func:`consistency_loss`. ``num_views`` must be at least 2.
 
+    The paths must be sample-major (:class:`dynroute.MultiViewTransform` +
+    :func:`dynroute.multiview_collate`); a view-major batch (``torch.cat([view1, view2])``) is not
+    detected and pulls the paths of different images together.
+
     Example:
         >>> loss = ConsistencyLoss(num_views=2)
         >>> loss(torch.rand(8, 5))
@@ -99,7 +119,12 @@ class ConsistencyLoss(nn.Module):
 
 
 class DiversityLoss(nn.Module):
-    """Eq. 9 as a module; see :func:`diversity_loss`."""
+    """Eq. 9 as a module; see :func:`diversity_loss`.
+
+    The paths must be sample-major (:class:`dynroute.MultiViewTransform` +
+    :func:`dynroute.multiview_collate`); a view-major batch (``torch.cat([view1, view2])``) is not
+    detected and pushes the views of one image apart.
+    """
 
     def __init__(self, num_views: int, margin: float = 0.5, reduction: str = "mean") -> None:
         super().__init__()

@@ -1,7 +1,10 @@
-"""Checkpoints of routed models (weights and stage) and dense weights loaded into a converted model."""
+"""Training checkpoints of routed models (weights and stage) and dense weights loaded into a converted model.
+
+The deployable artifact, which rebuilds the model by itself, is :func:`dynroute.save_pretrained`'s.
+"""
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -23,6 +26,19 @@ def _strip_wrapper_prefixes(key: str) -> str:
     return key
 
 
+def _refuse_routers_for_unconverted(model: nn.Module, keys: Iterable[str], what: str) -> None:
+    """A TypeError naming the fix if ``keys`` hold router weights and ``model`` has no gated blocks to take them."""
+    routed = sorted({key.split(".router.")[0] for key in map(_strip_wrapper_prefixes, keys) if ".router." in key})
+    if not routed or any(True for _ in gated_blocks(model)):
+        return
+    shown = ", ".join(f"{block}.router.*" for block in routed[:3]) + (", ..." if len(routed) > 3 else "")
+    raise TypeError(
+        f"this {what} has routers (keys {shown}: {len(routed)} gated blocks) but {type(model).__name__} is not "
+        "converted; convert the model first with dynroute.convert_resnet(model, input_size=...) (the same "
+        "blocks= as when it was saved), then load"
+    )
+
+
 def load_dense_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> nn.Module:
     """Load the ``state_dict`` of the dense (unconverted) network into converted ``model``.
 
@@ -40,6 +56,7 @@ def load_dense_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) ->
         >>> model = dynroute.convert_resnet(torchvision.models.resnet18(), input_size=(3, 224, 224))
         >>> dynroute.load_dense_state_dict(model, dense_state)
     """
+    _refuse_routers_for_unconverted(model, state_dict, "state_dict")
     router_prefixes = tuple(f"{name}.router." for name, _ in gated_blocks(model))
     if not router_prefixes:
         raise TypeError(
@@ -68,8 +85,18 @@ def load_dense_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) ->
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra: Any) -> None:
     """Save a model's ``state_dict`` and stage, plus ``extra`` entries (optimizer state, epoch...).
 
+    A training checkpoint, to resume from: it holds weights, not what builds the model, so it loads
+    with :func:`load_checkpoint` into a model you build and convert as before. The loss's state is
+    not in the model: pass ``criterion=criterion.state_dict()`` to keep the budget controller's gamma
+    (``cost.gamma`` of :class:`dynroute.CoDiNetLoss`) and restore it with
+    ``criterion.load_state_dict(extra["criterion"])``. For the deployable artifact that rebuilds the
+    model by itself use :func:`dynroute.save_pretrained`.
+
     DDP and torch.compile wrappers are unwrapped, so the keys are the model's own. A model without gated blocks (a
     dense baseline) is saved with stage None.
+
+    Example:
+        >>> dynroute.save_checkpoint("last.pt", model, epoch=epoch, criterion=criterion.state_dict())
     """
     model = unwrap_model(model)
     stage = get_stage(model) if any(True for _ in gated_blocks(model)) else None
@@ -78,6 +105,10 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra: Any) -> 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, strict: bool = True) -> dict[str, Any]:
     """Load a checkpoint of :func:`save_checkpoint` into ``model`` and restore its stage.
+
+    A checkpoint of a routed model loads into a model converted the same way; into an unconverted
+    one it is a TypeError saying to convert first (with ``strict=False`` the routers and the stage
+    are left out, which takes the network's weights alone).
 
     Returns:
         The ``extra`` entries that were saved with it.
@@ -89,8 +120,11 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, strict: bool = Tr
             f"{os.fspath(path)!r} is not a dynroute checkpoint (no 'model' entry); for a pretrained dense "
             "checkpoint use model.load_state_dict or dynroute.models.load_cifar_checkpoint"
         )
-    model.load_state_dict(checkpoint.pop("model"), strict=strict)
+    state = checkpoint.pop("model")
+    if strict:  # non-strict may mean to take the dense weights of a routed checkpoint
+        _refuse_routers_for_unconverted(model, state, "checkpoint")
+    model.load_state_dict(state, strict=strict)
     stage = checkpoint.pop("stage", None)
-    if stage is not None:
+    if stage is not None and any(True for _ in gated_blocks(model)):
         set_stage(model, stage)
     return checkpoint

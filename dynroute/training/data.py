@@ -4,7 +4,8 @@ The consistency loss (CoDiNet Eq. 8) compares the routing paths of M augmented v
 image, so a batch holds L samples x M views laid out sample-major: rows ``i * M .. i * M + M - 1``
 are the views of sample i, and each label is repeated M times. :class:`MultiViewTransform` makes
 the views, :func:`multiview_collate` lays them out, and :func:`train_transform` /
-:func:`eval_transform` are the paper's augmentations built on torchvision transforms.
+:func:`eval_transform` give fixed-size crops from images of any size (the paper's pad-and-crop for
+the datasets it used, random resized crops for photos) with torchvision transforms.
 """
 
 from collections.abc import Callable, Sequence
@@ -32,6 +33,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # any other natural-image folder), and digits, which must not be: flipping a digit changes what it shows.
 _FLIP_DATASETS = ("cifar10", "cifar100", "imagefolder")
 _NO_FLIP_DATASETS = ("svhn", "digits", "mnist")
+# Image sides the datasets ship at: there the paper's pad-and-crop runs on the image as it is.
+_NATIVE_SIZES = {"cifar10": 32, "cifar100": 32, "svhn": 32, "mnist": 28}
 
 
 class MultiViewTransform:
@@ -63,8 +66,9 @@ class MultiViewTransform:
 def multiview_collate(batch: Sequence[tuple[Tensor, int | Tensor]]) -> tuple[Tensor, Tensor]:
     """Lay out L ``(views (M, C, H, W), label)`` pairs as (L * M, C, H, W) images and (L * M,) labels.
 
-    Sample-major, as the losses expect: the M views of a sample are adjacent and share its label.
-    A sample given as a single (C, H, W) image counts as one view.
+    Sample-major, as the losses expect: the M views of a sample are adjacent and share its label,
+    so the labels come already repeated per view; pass them to the loss as they are. A sample given
+    as a single (C, H, W) image counts as one view.
     """
     if len(batch) == 0:
         raise ValueError("cannot collate an empty batch")
@@ -82,21 +86,39 @@ def multiview_collate(batch: Sequence[tuple[Tensor, int | Tensor]]) -> tuple[Ten
 def train_transform(
     dataset: str,
     image_size: int = 32,
-    padding: int = 4,
+    padding: int | None = None,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> T.Compose:
-    """The paper's training augmentation: random crop with ``padding`` px, horizontal flip, normalise.
+    """Training augmentation giving ``image_size`` x ``image_size`` crops from images of any size, normalised.
+
+    Two policies, chosen by ``dataset``:
+
+    - ``"imagefolder"`` (natural photos of any size): ImageNet-style ``RandomResizedCrop(image_size)``
+      (torchvision's defaults: 8-100 % of the area, aspect ratio 3/4-4/3) and a horizontal flip.
+    - A dataset name: the paper's pad-and-crop, ``RandomCrop(image_size, padding)``, plus a flip for
+      natural images (``"cifar10"``, ``"cifar100"``) and none for digits (``"svhn"``, ``"digits"``,
+      ``"mnist"``: flipping a digit changes what it shows). At the dataset's native size (32 px for
+      CIFAR and SVHN, 28 px for MNIST) that is all; at any other ``image_size`` (and always for
+      ``"digits"``, which has none) the image is first resized, shorter side to ``image_size``, and
+      centre-cropped to a square.
 
     Args:
-        dataset: one of ``"cifar10"``, ``"cifar100"``, ``"imagefolder"`` (other natural images),
-            which get the flip, or ``"svhn"``, ``"digits"``, ``"mnist"``, which get the crop only;
-            case-insensitive. Any other name is a ValueError.
-        image_size: side of the square crop.
-        padding: zero padding on each side before cropping.
+        dataset: one of the names above, case-insensitive; any other name is a ValueError.
+        image_size: side of the square output.
+        padding: zero padding in pixels on each side before the random crop; default
+            ``image_size / 8``, rounded (the paper's 4 px at 32 px). Pad-and-crop only: ``"imagefolder"``
+            refuses it.
         mean: per-channel normalisation mean; the default is ImageNet's, which the widely used
             pretrained CIFAR ResNets (Yerlan Idelbayev's pytorch_resnet_cifar10) were trained with.
         std: per-channel normalisation standard deviation.
+
+    Returns:
+        A transform from a PIL image to a normalised (C, image_size, image_size) tensor.
+
+    Example:
+        >>> train_transform("imagefolder", image_size=64)(PIL.Image.new("RGB", (500, 375))).shape
+        torch.Size([3, 64, 64])
     """
     name = dataset.lower() if isinstance(dataset, str) else dataset
     if name not in _FLIP_DATASETS + _NO_FLIP_DATASETS:
@@ -104,7 +126,17 @@ def train_transform(
             f"unknown dataset {dataset!r}; train_transform knows {_FLIP_DATASETS} (flipped) and "
             f"{_NO_FLIP_DATASETS} (digits: crop only, no flip); use 'imagefolder' for other natural images"
         )
-    augment: list = [T.RandomCrop(image_size, padding=padding)]
+    if name == "imagefolder":
+        if padding is not None:
+            raise ValueError(
+                f"padding={padding} applies to the pad-and-crop of a dataset name, but 'imagefolder' takes "
+                "random resized crops; drop padding, or name the dataset (e.g. 'cifar10') for pad-and-crop"
+            )
+        augment: list = [T.RandomResizedCrop(image_size)]
+    else:
+        resize = [] if _NATIVE_SIZES.get(name) == image_size else [T.Resize(image_size), T.CenterCrop(image_size)]
+        padding = max(1, round(image_size / 8)) if padding is None else padding
+        augment = [*resize, T.RandomCrop(image_size, padding=padding)]
     if name in _FLIP_DATASETS:
         augment.append(T.RandomHorizontalFlip())
     return T.Compose([*augment, T.ToTensor(), T.Normalize(mean, std)])
@@ -114,7 +146,22 @@ def eval_transform(
     image_size: int | None = None,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    crop_pct: float = 1.0,
 ) -> T.Compose:
-    """Test-time transform: optional resize and centre crop to ``image_size``, then normalise."""
-    resize = [] if image_size is None else [T.Resize(image_size), T.CenterCrop(image_size)]
+    """Test-time transform: resize and centre crop to ``image_size`` x ``image_size`` (any input size), normalise.
+
+    The policy is timm's ``crop_pct``: the shorter side is resized to ``image_size / crop_pct``, then
+    the centre ``image_size`` square is cut out. The default 1.0 keeps the whole shorter side
+    (the view of CIFAR images resized to another size); 0.875 is the ImageNet convention that goes
+    with random resized crops in training (resize to 256, crop 224).
+
+    Args:
+        image_size: side of the square output; None leaves the image at its size (CIFAR's 32 px test images).
+        mean: per-channel normalisation mean.
+        std: per-channel normalisation standard deviation.
+        crop_pct: fraction of the resized shorter side kept by the centre crop, in (0, 1].
+    """
+    if not 0.0 < crop_pct <= 1.0:
+        raise ValueError(f"crop_pct must be in (0, 1], but got {crop_pct!r}; e.g. 0.875 for ImageNet, 1.0 for CIFAR")
+    resize = [] if image_size is None else [T.Resize(round(image_size / crop_pct)), T.CenterCrop(image_size)]
     return T.Compose([*resize, T.ToTensor(), T.Normalize(mean, std)])
