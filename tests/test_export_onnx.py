@@ -1,4 +1,4 @@
-"""export_onnx: each If branch gets the weights only it reads; programs it cannot name are refused."""
+"""export_onnx: each If branch gets the weights only it reads and unread weights go; bad programs are refused."""
 
 import pytest
 import torch
@@ -27,7 +27,7 @@ class TestMoveBranchWeights:
     @pytest.fixture
     def graph(self) -> onnx.GraphProto:
         # "then_only" and "else_only" are read by one branch each, "both" by both branches of the If,
-        # "main" by a node of the main graph and "nested" by an If inside the then branch.
+        # "main" by a node of the main graph, "nested" by an If inside the then branch, and "unread" by nothing.
         inner_then, inner_else = _branch("inner_then", ["nested"]), _branch("inner_else", ["x"])
         inner = helper.make_node("If", ["flag"], ["inner_out"], then_branch=inner_then, else_branch=inner_else)
         then_branch = _branch("then", ["then_only", "both"])
@@ -39,7 +39,7 @@ class TestMoveBranchWeights:
         x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
         y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
         z = helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [1])
-        names = ["then_only", "else_only", "both", "main", "nested"]
+        names = ["then_only", "else_only", "both", "main", "nested", "unread"]
         return helper.make_graph(
             [node, helper.make_node("Sum", ["x", "main"], ["z"])],
             "main",
@@ -48,8 +48,8 @@ class TestMoveBranchWeights:
             initializer=[_initializer(name) for name in names],
         )
 
-    def test_each_initializer_moves_to_its_only_reader(self, graph):
-        assert onnx_model._move_branch_weights(graph) == 3
+    def test_each_initializer_moves_to_its_only_reader_and_unread_ones_go(self, graph):
+        assert onnx_model._place_weights(graph) == (3, 1)
         branches = {attribute.name: attribute.g for attribute in graph.node[0].attribute}
         assert {tensor.name for tensor in graph.initializer} == {"both", "main"}
         assert {tensor.name for tensor in branches["then_branch"].initializer} == {"then_only", "nested"}
@@ -57,8 +57,8 @@ class TestMoveBranchWeights:
         onnx.checker.check_graph(graph)
 
     def test_a_second_pass_moves_nothing(self, graph):
-        onnx_model._move_branch_weights(graph)
-        assert onnx_model._move_branch_weights(graph) == 0
+        onnx_model._place_weights(graph)
+        assert onnx_model._place_weights(graph) == (0, 0)
 
 
 class TestRefused:

@@ -11,6 +11,7 @@ from routed_models import centre_routers, images
 from torch import Tensor, nn
 
 import dynroute
+from dynroute.export.onnx_model import _outer_names as _outer
 from dynroute.models import CifarResNet
 
 # The residual branch of a CIFAR basic block holds two convolutions.
@@ -157,6 +158,42 @@ class TestAnyBatch:
         torch.testing.assert_close(got_paths, paths[:5], rtol=0, atol=0)
 
 
+@pytest.fixture(scope="module")
+def static_model() -> nn.Module:
+    """The ResNet-8 converted with StaticRouter: the first and last blocks run for every image, the middle one never."""
+    torch.manual_seed(0)
+    model = dynroute.convert_resnet(
+        CifarResNet(1, shortcut="B"), input_size=(3, 32, 32), router_layer=dynroute.StaticRouter
+    ).eval()
+    with torch.no_grad():
+        for (_, block), run in zip(dynroute.gated_blocks(model), (True, False, True)):
+            block.router.logits.copy_(torch.tensor([0.0, 1.0 if run else -1.0]))
+    return model
+
+
+class TestStaticRouter:
+    """A StaticRouter's logits do not depend on the image; its decision is traced like a Router's."""
+
+    @pytest.mark.parametrize("dynamic_batch", [False, True])
+    def test_same_logits_and_paths_as_eager(self, static_model, dynamic_batch):
+        x = images(4, seed=5)
+        example = x[:2] if dynamic_batch else x[:1]
+        program = dynroute.export_skipping_program(static_model, example, dynamic_batch, with_paths=True)
+        with torch.no_grad():
+            logits = static_model(x)
+        paths = dynroute.routing_paths(static_model)
+        module = program.module()
+        with torch.inference_mode():  # the whole batch at once, or one image per call
+            got = [module(chunk) for chunk in ((x,) if dynamic_batch else x.split(1))]
+        torch.testing.assert_close(torch.cat([out[0] for out in got]), logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.cat([out[1] for out in got]), paths, rtol=0, atol=0)
+
+    def test_skipped_block_runs_no_convolution(self, static_model):
+        program = dynroute.export_skipping_program(static_model, images(1), dynamic_batch=False)
+        rows, _ = convolution_rows(program.module(), images(1, seed=6))
+        assert len(rows) == dense_convolutions(static_model) - BRANCH_CONVOLUTIONS
+
+
 class RowCountBlock(nn.Module):
     """A residual block whose branch decides something from its number of rows: a batch cannot gather for it."""
 
@@ -269,3 +306,31 @@ class TestOnnx:
             got_logits, got_paths = session.run(None, {"images": x[:size].numpy()})
             torch.testing.assert_close(torch.from_numpy(got_logits), logits[:size], rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(torch.from_numpy(got_paths), paths[:size], rtol=0, atol=0)
+
+    @pytest.mark.parametrize("dynamic_batch", [False, True])
+    def test_static_router(self, static_model, dynamic_batch, tmp_path):
+        import onnx
+
+        x = images(4, seed=5)
+        program = dynroute.export_skipping_program(
+            static_model, x[:2] if dynamic_batch else x[:1], dynamic_batch, with_paths=True
+        )
+        session = self.session(program, tmp_path / "static.onnx")
+        with torch.no_grad():
+            logits = static_model(x)
+        paths = dynroute.routing_paths(static_model)
+        outputs = [session.run(None, {"images": chunk.numpy()}) for chunk in ((x,) if dynamic_batch else x.split(1))]
+        got_logits = torch.cat([torch.from_numpy(out[0]) for out in outputs])
+        torch.testing.assert_close(got_logits, logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(torch.cat([torch.from_numpy(out[1]) for out in outputs]), paths, rtol=0, atol=0)
+        # At batch 1 the exporter folds each If on the constant decision; the skipped branch's weights go with it.
+        graph = onnx.load(tmp_path / "static.onnx").graph
+        read = {name for node in graph.node for name in node.input} | {value.name for value in graph.output}
+        read |= {
+            name
+            for node in graph.node
+            for branch in node.attribute
+            if branch.type == onnx.AttributeProto.GRAPH
+            for name in _outer(branch.g)
+        }
+        assert all(tensor.name in read for tensor in graph.initializer), "no weight that nothing reads"

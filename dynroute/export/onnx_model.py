@@ -5,7 +5,9 @@
 whose weights are constants of its own graph (on x86 CPUs, the blocked NCHWc layout with the bias,
 sum and activation fused in) but not one whose weights come from an enclosing graph: its branches would
 run plain convolutions, slower than the dense model's. :func:`export_onnx` therefore moves every weight
-that only one branch reads into that branch.
+that only one branch reads into that branch, and drops the weights nothing reads (the exporter folds the
+``If`` of a block whose decision is a constant, as a :class:`~dynroute.StaticRouter`'s is at batch 1, and
+leaves its branch's weights behind).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ def export_onnx(program: torch.export.ExportedProgram, path: str | os.PathLike) 
     as an ONNX model for ONNX Runtime.
 
     The input is named ``images``, the outputs ``logits`` and, for a program exported ``with_paths``,
-    ``paths``; a dynamic batch stays dynamic. Each ``If`` node's branches get the weights only they read.
+    ``paths``; a dynamic batch stays dynamic. Each ``If`` node's branches get the weights only they read;
+    weights that no node reads are left out.
 
     Args:
         program: an exported program whose forward takes a batch of images.
@@ -55,7 +58,7 @@ def export_onnx(program: torch.export.ExportedProgram, path: str | os.PathLike) 
         program, dynamo=True, input_names=["images"], output_names=_OUTPUT_NAMES[outputs], verbose=False
     )
     model = onnx_program.model_proto
-    _move_branch_weights(model.graph)
+    _place_weights(model.graph)
     onnx.save(model, os.fspath(path))
 
 
@@ -74,9 +77,9 @@ def _outer_names(graph: onnx.GraphProto) -> set[str]:
     return read - defined
 
 
-def _move_branch_weights(graph: onnx.GraphProto) -> int:
+def _place_weights(graph: onnx.GraphProto) -> tuple[int, int]:
     """Move each initializer of ``graph`` that exactly one subgraph (one branch of one node) reads, and nothing
-    else, into that subgraph; return how many moved."""
+    else, into that subgraph, and drop each one that nothing reads; return how many moved and how many dropped."""
     import onnx
 
     readers: dict[str, list[onnx.GraphProto | None]] = defaultdict(list)  # None: the graph itself
@@ -87,13 +90,18 @@ def _move_branch_weights(graph: onnx.GraphProto) -> int:
             if attribute.type == onnx.AttributeProto.GRAPH:
                 for name in _outer_names(attribute.g):
                     readers[name].append(attribute.g)
-    for value in graph.output:
+    for value in [*graph.output, *graph.input]:
         readers[value.name].append(None)
-    moved = 0
+    moved = dropped = 0
     for index in reversed(range(len(graph.initializer))):
-        owners = readers.get(graph.initializer[index].name, [])
-        if len(owners) == 1 and owners[0] is not None:
-            owners[0].initializer.append(graph.initializer[index])
-            del graph.initializer[index]
+        initializer = graph.initializer[index]
+        owners = readers.get(initializer.name, [])
+        if owners and (len(owners) > 1 or owners[0] is None):
+            continue  # read by the graph itself or by several branches: it stays
+        if owners:
+            owners[0].initializer.append(initializer)
             moved += 1
-    return moved
+        else:
+            dropped += 1
+        del graph.initializer[index]
+    return moved, dropped
