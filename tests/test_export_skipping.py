@@ -7,7 +7,7 @@ import importlib.util
 
 import pytest
 import torch
-from routed_models import centre_routers, images
+from routed_models import RowCountBlock, centre_routers, images
 from torch import Tensor, nn
 
 import dynroute
@@ -192,31 +192,6 @@ class TestStaticRouter:
         program = dynroute.export_skipping_program(static_model, images(1), dynamic_batch=False)
         rows, _ = convolution_rows(program.module(), images(1, seed=6))
         assert len(rows) == dense_convolutions(static_model) - BRANCH_CONVOLUTIONS
-
-
-class RowCountBlock(nn.Module):
-    """A residual block whose branch decides something from its number of rows: a batch cannot gather for it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(4, 4, 3, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.relu(x + self.residual(x))
-
-    def residual(self, x: Tensor) -> Tensor:
-        return self.conv(x) * 2 if x.shape[0] > 1 else self.conv(x)
-
-
-dynroute.register_block(
-    RowCountBlock,
-    dynroute.BlockAdapter(
-        residual=lambda block, x: block.residual(x),
-        shortcut=lambda block, x: x,
-        activation=lambda block, x: torch.relu(x),
-        in_channels=lambda block: 4,
-    ),
-)
 
 
 class TestModelAndErrors:
