@@ -5,9 +5,9 @@ gated block is fed its real input (captured from a dense forward) and timed alon
 over all gated blocks of the network, so the stem and head are left out:
 
 - dense: the original blocks;
-- sparse: the converted blocks, skipped rows really skipped (router, gather, branch, merge, activation);
-- router: the routers alone, their ops as a stage runs them (the checks a stage makes before its
-  first block runs are left out);
+- sparse: the converted blocks, each run as a stage of one (router, gather, branch, merge, activation),
+  skipped rows really skipped;
+- router: the routers' four ops alone, on their bound tensors;
 - gather: ``index_select`` of the routed rows;
 - branch all / branch routed: the residual branch on every row / on the pre-gathered routed rows;
 - rows: the fraction of rows routed through a block (the execution rate);
@@ -31,8 +31,9 @@ from inference_speed import (
     FixedDecisions,
     ModelSpec,
     TimingOptions,
+    bare_router,
     build_networks,
-    decision_logits,
+    decision_columns,
     interleaved_times,
     parse_args,
     random_decisions,
@@ -69,7 +70,7 @@ def breakdown(spec: ModelSpec, batch: int, rate: float, options: TimingOptions, 
     images = torch.randn(batch, *spec.input_size, generator=generator).to(options.device)
     decisions = random_decisions(batch, len(gated), rate, generator).to(options.device)
     override = FixedDecisions(routed)
-    override.logits = decision_logits(decisions)
+    override.set(decision_columns(decisions))
     try:
         with torch.inference_mode():
             inputs = block_inputs(dense, [name for name, _ in gated], images)
@@ -79,8 +80,8 @@ def breakdown(spec: ModelSpec, batch: int, rate: float, options: TimingOptions, 
             for (name, block), x, routed_rows, x_routed in zip(gated, inputs, rows, gathered):
                 residual = block.adapter.residual
                 calls["dense"].append(partial(dense_blocks[name], x))
-                calls["sparse"].append(partial(block, x))
-                calls["router"].append(partial(block._unobserved_plan().router_logits, x))  # as a stage runs it
+                calls["sparse"].append(partial(dynroute.GatedSequential(block), x))  # a stage of one block
+                calls["router"].append(partial(bare_router(block.router), x))
                 calls["branch all"].append(partial(residual, block.block, x))
                 if 0 < len(routed_rows) < len(x):  # as sparse execution: no gather when all or none run
                     calls["gather"].append(partial(x.index_select, 0, routed_rows))

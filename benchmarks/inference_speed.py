@@ -4,8 +4,8 @@ For each model, batch size and execution rate, the dense original, the routed ne
 execution (skipped blocks not computed) and the routed network with masked execution (every block
 computed, then mixed by the 0/1 gate, as other implementations do) run side by side in one process.
 The routers run as usual, so their time is part of the routed cost, but their decisions are
-overridden by fixed random ones: each sample runs ``round(rate * n_blocks)`` blocks drawn at random
-(seeded), so every row measures the rate it names. A batch of one holds one path, and blocks of
+replaced by fixed random ones (``GatedBlock.force_gate``): each sample runs ``round(rate * n_blocks)``
+blocks drawn at random (seeded), so every row measures the rate it names. A batch of one holds one path, and blocks of
 equal MACs take different times (a stage-1 block of the CIFAR ResNet about twice a stage-3 one), so
 a batch-1 row times ``--batch1-draws`` single-image forwards per call, each image with its own
 path; the times are per forward. Printed per (model, batch, rate, execution):
@@ -40,6 +40,7 @@ from functools import partial
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 import dynroute
@@ -148,45 +149,39 @@ def macs_ratio(decisions: Tensor, table: dynroute.MacsTable) -> float:
     return dynroute.sample_macs(decisions, table).mean().item() / table.dense_macs
 
 
-def decision_logits(decisions: Tensor) -> list[Tensor]:
-    """Router logits (N, 2) per block whose argmax is ``decisions`` (N, n_blocks): column 1 > 0 runs."""
-    return list(torch.stack([1.0 - decisions, decisions], dim=2).unbind(dim=1))
+def decision_columns(decisions: Tensor) -> list[Tensor]:
+    """Each gated block's decisions (N,) as a bool tensor, from 0/1 decisions (N, n_blocks)."""
+    return [column.contiguous() for column in decisions.bool().unbind(dim=1)]
 
 
 class FixedDecisions:
-    """Replace each router's logits by precomputed ones; the routers still run, and pay their time.
+    """Impose precomputed decisions with ``GatedBlock.force_gate``; the routers still run and pay their time.
 
-    Set :attr:`logits` (a list from :func:`decision_logits`, one (N, 2) tensor per gated block in
-    :func:`dynroute.gated_blocks` order) before a forward; ``None`` lets the routers decide. Each
-    router's innermost step, ``Router._mlp`` (pooling and the two layers), is wrapped on the
-    instance, so every check and call around it runs as in a deployed model: a forward hook, or a
-    ``forward`` replaced on the instance, would send each router call down a slower path.
+    :meth:`set` a list from :func:`decision_columns` (one (N,) tensor per gated block, in
+    :func:`dynroute.gated_blocks` order) before a forward; None lets the routers decide again.
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.logits: list[Tensor] | None = None
-        self._routers = [block.router for _, block in dynroute.gated_blocks(model)]
-        for index, router in enumerate(self._routers):
-            router._mlp = self._fixed_mlp(router._mlp, index)
+        self._blocks = [block for _, block in dynroute.gated_blocks(model)]
 
-    def _fixed_mlp(self, router_mlp: Callable[..., Tensor], index: int) -> Callable[..., Tensor]:
-        def mlp(*args: object) -> Tensor:
-            output = router_mlp(*args)
-            if self.logits is None:
-                return output
-            fixed = self.logits[index]
-            if fixed.shape != output.shape:
-                raise ValueError(
-                    f"fixed logits have shape {tuple(fixed.shape)} but the router gave {tuple(output.shape)}"
-                )
-            return fixed
-
-        return mlp
+    def set(self, columns: list[Tensor] | None) -> None:
+        for block, column in zip(self._blocks, columns or [None] * len(self._blocks), strict=True):
+            block.force_gate(column)
 
     def remove(self) -> None:
-        """Restore the routers' own ``_mlp``: they decide again."""
-        for router in self._routers:
-            del router._mlp
+        """Let the routers decide again."""
+        self.set(None)
+
+
+def bare_router(router: dynroute.Router) -> Callable[[Tensor], Tensor]:
+    """The router's logits (N, 2) from its four inference ops on its bound tensors: no module call, no check.
+
+    Written for the default router (``nn.Linear`` layers with biases, ``nn.ReLU`` between them).
+    """
+    weight1, bias1, weight2, bias2 = (
+        p.detach() for p in (router.fc1.weight, router.fc1.bias, router.fc2.weight, router.fc2.bias)
+    )
+    return lambda x: F.linear(F.linear(x.mean((2, 3)), weight1, bias1).relu_(), weight2, bias2)
 
 
 def keep_freed_memory() -> None:
@@ -254,12 +249,12 @@ def run_dense(network: nn.Module, images: list[Tensor]) -> Tensor:
 
 
 def run_routed(
-    network: nn.Module, override: FixedDecisions, logits: list[list[Tensor]], images: list[Tensor]
+    network: nn.Module, override: FixedDecisions, decisions: list[list[Tensor]], images: list[Tensor]
 ) -> Tensor:
     """Logits of one forward per batch of ``images``, each under its own fixed decisions, concatenated."""
     outputs = []
-    for batch_logits, batch in zip(logits, images):
-        override.logits = batch_logits
+    for columns, batch in zip(decisions, images):
+        override.set(columns)
         outputs.append(network(batch))
     return torch.cat(outputs)
 
@@ -294,12 +289,13 @@ def benchmark_model(
         decisions = {rate: random_decisions(batch * draws, table.num_blocks, rate, generator) for rate in rates}
         variants: dict[str, Callable[[], Tensor]] = {"dense": partial(run_dense, dense, images)}
         for rate in rates:
-            logits = [
-                [tensor.to(options.device) for tensor in decision_logits(draw)] for draw in decisions[rate].split(batch)
+            columns = [
+                [tensor.to(options.device) for tensor in decision_columns(draw)]
+                for draw in decisions[rate].split(batch)
             ]
             for execution in EXECUTIONS:
                 network, override = networks[execution], overrides[execution]
-                variants[f"{execution}@{rate}"] = partial(run_routed, network, override, logits, images)
+                variants[f"{execution}@{rate}"] = partial(run_routed, network, override, columns, images)
         with torch.inference_mode():
             outputs = {key: run() for key, run in variants.items()}
             times = interleaved_times(variants, options)

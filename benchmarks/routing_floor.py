@@ -32,8 +32,9 @@ from inference_speed import (
     FixedDecisions,
     ModelSpec,
     TimingOptions,
+    bare_router,
     build_networks,
-    decision_logits,
+    decision_columns,
     interleaved_times,
     macs_ratio,
     paired_median_ratio,
@@ -72,15 +73,6 @@ class ChosenBlock(nn.Module):
         if self.run:
             return self.block(x)
         return self.adapter.activation(self.block, self.adapter.shortcut(self.block, x))
-
-
-def bare_router(router: dynroute.Router) -> Callable[[Tensor], Tensor]:
-    """The router's logits (N, 2) from its inference ops on its bound tensors: no module call, no check.
-
-    Written for the default router (``nn.Linear`` layers with biases, ``nn.ReLU`` between them).
-    """
-    tensors = tuple(p.detach() for p in (router.fc1.weight, router.fc1.bias, router.fc2.weight, router.fc2.bias))
-    return partial(router._mlp, bare=tensors)
 
 
 def chosen_network(dense: nn.Module, routed: nn.Module, with_routers: bool) -> tuple[nn.Module, list[ChosenBlock]]:
@@ -139,10 +131,10 @@ def floor_rows(
     for rate in rates:
         decisions[rate] = random_decisions(draws, table.num_blocks, rate, generator)
         paths = [[bool(gate) for gate in draw.tolist()] for draw in decisions[rate]]
-        logits = [[t.to(options.device) for t in decision_logits(draw)] for draw in decisions[rate].split(1)]
+        columns = [[t.to(options.device) for t in decision_columns(draw)] for draw in decisions[rate].split(1)]
         variants[f"chosen blocks@{rate}"] = partial(run_chosen, *chosen[False], paths, images)
         variants[f"+ bare routers@{rate}"] = partial(run_chosen, *chosen[True], paths, images)
-        variants[f"dynroute@{rate}"] = partial(run_routed, routed, override, logits, images)
+        variants[f"dynroute@{rate}"] = partial(run_routed, routed, override, columns, images)
     try:
         with torch.inference_mode():
             outputs = {key: run() for key, run in variants.items()}

@@ -28,7 +28,7 @@ from dynroute.export.masked import export_program as export_program  # deprecate
 from dynroute.export.onnx_model import export_onnx
 from dynroute.export.pretrained import from_pretrained, push_to_hub, save_pretrained
 from dynroute.export.skipping import export_skipping_program
-from dynroute.layers.gated_block import GatedBlock
+from dynroute.layers.gated_block import GatedBlock, gated_residual
 from dynroute.layers.router import Router, hard_gate, relaxed_gate
 from dynroute.layers.routing import (
     force_gates,
@@ -59,6 +59,7 @@ __all__ = [
     "Router",
     "StaticRouter",
     "GatedBlock",
+    "gated_residual",
     "GatedSequential",
     "relaxed_gate",
     "hard_gate",

@@ -48,7 +48,7 @@ def _quick_main(script, *argv: str):
 
 def _forward(model, decisions, images):
     override = bench.FixedDecisions(model)
-    override.logits = bench.decision_logits(decisions)
+    override.set(bench.decision_columns(decisions))
     try:
         with torch.inference_mode():
             return model(images), dynroute.routing_paths(model)
@@ -66,10 +66,13 @@ class TestQuickRun:
         assert {row.model for row in rows} == set(bench.QUICK_DEFAULTS["models"])
         for row in rows:
             assert 0 < row.macs_ratio < 1
-            assert math.isfinite(row.time_ratio) and row.time_ratio > 0
-            assert row.dense_ms > 0 and row.routed_ms > 0
+            assert math.isfinite(row.time_ratio) and row.routed_ms > 0
             assert row.max_abs_diff <= 1e-5
             assert f"{row.efficiency:.3f}" in out
+        for model in bench.QUICK_DEFAULTS["models"]:  # one dense measurement per model and batch, shared by its rows
+            for batch in {row.batch for row in rows if row.model == model}:
+                dense_ms = {row.dense_ms for row in rows if (row.model, row.batch) == (model, batch)}
+                assert len(dense_ms) == 1 and min(dense_ms) > 0
         assert "efficiency" in out and "max |logits(sparse) - logits(masked)|" in out
 
     def test_channels_last_runs_networks_and_images_in_nhwc(self, capsys, monkeypatch):
@@ -97,7 +100,7 @@ class TestQuickRun:
 
 
 class TestFixedDecisions:
-    """The hooks impose the drawn decisions, with sparse and masked execution alike."""
+    """The drawn decisions are the ones that run, with sparse and masked execution alike."""
 
     def test_batch_one_draws_run_each_image_on_its_own_path(self, networks):
         _, routed, input_size = networks
@@ -109,8 +112,8 @@ class TestFixedDecisions:
         override = bench.FixedDecisions(model)
         try:
             with torch.inference_mode():
-                logits = [bench.decision_logits(draw) for draw in decisions.split(1)]
-                out = bench.run_routed(model, override, logits, images)
+                columns = [bench.decision_columns(draw) for draw in decisions.split(1)]
+                out = bench.run_routed(model, override, columns, images)
         finally:
             override.remove()
             handle.remove()
@@ -143,7 +146,7 @@ class TestFixedDecisions:
         torch.testing.assert_close(none_run, closed, atol=1e-5, rtol=0)
         assert (all_run - none_run).abs().max() > 1e-3, "the comparison needs non-zero residual branches"
 
-    def test_removed_hooks_let_the_routers_decide(self, networks):
+    def test_removed_decisions_let_the_routers_decide(self, networks):
         _, routed, input_size = networks
         model = routed["sparse"]
         images = torch.randn(2, *input_size)
@@ -155,8 +158,33 @@ class TestFixedDecisions:
     def test_wrong_batch_is_refused(self, networks):
         _, routed, input_size = networks
         model = routed["sparse"]
-        with pytest.raises(ValueError, match="fixed logits"):
+        with pytest.raises(ValueError, match="forced decisions hold 4 samples but the batch has 2"):
             _forward(model, torch.ones(4, dynroute.macs_table(model).num_blocks), torch.randn(2, *input_size))
+
+
+class TestTiming:
+    """Interleaved timing and paired ratios, on a clock that advances by a known cost per call."""
+
+    def test_interleaved_repeats_and_paired_median_ratio(self):
+        now = [0.0]
+        order = []
+
+        def variant(name, cost):
+            def run():
+                order.append(name)
+                now[0] += cost.pop(0) if isinstance(cost, list) else cost
+
+            return run
+
+        # The routed variant costs 3 s, then 1 s, then 5 s: paired with a dense 2 s, ratios 1.5, 0.5, 2.5.
+        variants = {"dense": variant("dense", 2.0), "routed": variant("routed", [3.0, 1.0, 5.0])}
+        options = bench.TimingOptions(
+            repeats=3, warmup=0, min_time=0.0, device=torch.device("cpu"), clock=lambda: now[0]
+        )
+        times = bench.interleaved_times(variants, options)
+        assert order == ["dense"] + ["dense", "routed"] * 3  # one call first sizes the measurements
+        assert times == {"dense": [2.0, 2.0, 2.0], "routed": [3.0, 1.0, 5.0]}
+        assert bench.paired_median_ratio(times["routed"], times["dense"]) == 1.5
 
 
 class TestDecisionsAndAccounting:
@@ -233,8 +261,8 @@ class TestRoutingFloor:
         ]
         for row in rows:
             assert row.max_abs_diff <= 1e-5
-            assert math.isfinite(row.time_ratio) and row.time_ratio > 0
-            assert (row.macs_ratio == 1.0) == (row.variant == "dense")
+            assert math.isfinite(row.time_ratio)
+            assert (row.time_ratio == 1.0) == (row.macs_ratio == 1.0) == (row.variant == "dense")
             assert f"{row.efficiency:.3f}" in out
 
     def test_chosen_blocks_follow_the_path(self):
@@ -253,7 +281,7 @@ class TestRoutingFloor:
         router = dynroute.Router(24).eval()
         torch.nn.init.normal_(router.fc2.weight)
         x = torch.randn(3, 24, 5, 5)
-        assert torch.equal(floor.bare_router(router)(x), router(x))
+        assert torch.equal(bench.bare_router(router)(x), router(x))
 
     def test_other_batches_are_refused(self):
         with pytest.raises(SystemExit, match="batch 1 only"):

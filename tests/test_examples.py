@@ -352,7 +352,7 @@ class TestTrainImagenet:
                 "--teacher", str(teacher),
             ]
         )  # fmt: skip
-        assert report["images"] == 8 and report["distinct_paths"] >= 1
+        assert report["images"] == 8 and 1 <= report["distinct_paths"] <= 8
         assert all(float(row["distill"]) > 0 for row in _csv_rows(tmp_path / "runs" / "smoke" / "log.csv"))
         dense = dynroute.count_macs(timm.create_model("resnet18", num_classes=2), (3, 32, 32))
         assert report["dense_macs"] == dense and 0 < report["macs_fraction"] <= 1.01
@@ -393,7 +393,8 @@ class TestQuickstart:
         out = capsys.readouterr().out
         for label in ("test accuracy", "average MACs", "distinct paths", "eval speedup", "wall time"):
             assert label in out
-        assert report["images"] == 360 and report["speedup"] > 0
+        assert report["images"] == 360
+        assert f"eval speedup    {report['speedup']:.2f}x" in out and 0.1 < report["speedup"] < 10
         assert f"wall time       {report['wall_seconds']:.0f} s (" in out and "; 1 threads)" in out
 
     def test_import_does_not_log_the_cuda_runtime_warning(self, tmp_path: Path) -> None:

@@ -159,6 +159,22 @@ class TestGatedBlockAgainstOriginal:
             torch.testing.assert_close(output.detach(), copy_at_hook_time, atol=0, rtol=0)
         torch.testing.assert_close(out.detach(), reference, atol=1e-5, rtol=0)
 
+    def test_forced_decisions_run_the_rows_they_name(self, name):
+        original, gated, x = self._pair(name)
+        decisions = torch.tensor([1, 0, 0, 1, 1, 0, 1, 0, 0, 0, 1, 1])
+        gated.force_gate(decisions)
+        with torch.no_grad():
+            out = gated(x)
+            reference = torch.cat(
+                [
+                    original(row) if run else _shortcut_reference(original, row)
+                    for row, run in zip(x.split(1), decisions.tolist())
+                ]
+            )
+        torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
+        torch.testing.assert_close(gated.last_gate, decisions.float(), atol=0, rtol=0)
+        assert gated.last_logits.shape == (12, 2), "the router still runs"
+
     def test_sparse_equals_masked(self, name):
         _, gated, x = self._pair(name)
         with torch.no_grad():
@@ -206,6 +222,19 @@ class TestSparseExecution:
         assert gated.last_gate.tolist() == [float(expected)]
         torch.testing.assert_close(single, pair[:1], atol=1e-5, rtol=0)
 
+    def test_gathered_rows_keep_channels_last(self):
+        x = _inputs(16, (8, 8, 8)).to(memory_format=torch.channels_last)
+        gated = _random_router(GatedBlock(CifarBasicBlock(8, 8)), x).eval().to(memory_format=torch.channels_last)
+        channels_last = []
+        gated.conv1.register_forward_pre_hook(
+            lambda module, args: channels_last.append(args[0].is_contiguous(memory_format=torch.channels_last))
+        )
+        with torch.no_grad():
+            out = gated(x)
+        assert 0 < gated.last_gate.sum() < 16
+        assert channels_last == [True], "the branch runs on channels_last rows"
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
     def test_closed_block_computes_no_branch(self):
         gated = GatedBlock(CifarBasicBlock(8, 8)).eval()
         gated.force_gate("closed")
@@ -214,28 +243,28 @@ class TestSparseExecution:
         gated(torch.randn(4, 8, 8, 8))
         assert calls == []
 
-    @pytest.mark.parametrize("hook", [None, "on-shortcut", "global"])
+    @pytest.mark.parametrize("hook", ["on-shortcut", "global"])
     @pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.enable_grad])
-    def test_identity_shortcut_is_called_only_when_a_hook_or_autograd_could_see_it(self, hook, grad_mode, monkeypatch):
+    def test_hooks_on_an_identity_shortcut_fire(self, hook, grad_mode):
         original = CifarBasicBlock(8, 8).eval()
-        gated = GatedBlock(copy.deepcopy(original)).eval()
-        gated.force_gate("open")
+        stage = dynroute.GatedSequential(GatedBlock(copy.deepcopy(original)), GatedBlock(copy.deepcopy(original)))
+        dynroute.force_gates(stage.eval(), "open")
         x = _inputs(3, (8, 8, 8))
-        expected = original(x)
-        calls, seen = [], []
-        call = nn.Identity.__call__
-        monkeypatch.setattr(nn.Identity, "__call__", lambda self, *args: calls.append(self) or call(self, *args))
+        seen = []
         if hook == "on-shortcut":
-            gated.shortcut.register_forward_hook(lambda module, args, output: seen.append(module))
+            stage[1].shortcut.register_forward_hook(lambda module, args, output: seen.append((module, args[0])))
         with grad_mode(), contextlib.ExitStack() as stack:
             if hook == "global":
-                record = nn.modules.module.register_module_forward_hook(lambda module, args, out: seen.append(module))
-                stack.callback(record.remove)
-            out = gated(x)
-        torch.testing.assert_close(out, expected, atol=0, rtol=0)
-        skipped = hook is None and grad_mode is torch.no_grad  # with autograd a backward hook could wait for it
-        assert calls == ([] if skipped else [gated.shortcut])
-        assert (gated.shortcut in seen) == (hook is not None)
+                handle = nn.modules.module.register_module_forward_hook(
+                    lambda module, args, output: seen.append((module, args[0]))
+                )
+                stack.callback(handle.remove)
+            out = stage(x)
+            expected = original(original(x))
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+        shortcut_inputs = [args for module, args in seen if module is stage[1].shortcut]
+        assert len(shortcut_inputs) == 1
+        torch.testing.assert_close(shortcut_inputs[0], original(x), atol=1e-6, rtol=0)
 
     def test_backward_hooks_on_an_identity_shortcut_fire(self):
         gated = GatedBlock(CifarBasicBlock(8, 8)).train()
@@ -243,29 +272,6 @@ class TestSparseExecution:
         gated.shortcut.register_full_backward_hook(lambda module, grad_input, grad_output: fired.append(module))
         gated(_inputs(3, (8, 8, 8)).requires_grad_()).sum().backward()
         assert fired == [gated.shortcut]
-
-    def test_a_router_forward_patched_on_the_class_runs(self, monkeypatch):
-        x = _inputs(6, (8, 8, 8))
-        gated = _random_router(GatedBlock(CifarBasicBlock(8, 8)), x).eval()
-        calls, forward = [], dynroute.Router.forward
-        monkeypatch.setattr(dynroute.Router, "forward", lambda self, x: calls.append(1) or forward(self, x))
-        with torch.no_grad():
-            gated(x)
-        assert calls == [1]
-
-    def test_a_compiled_router_runs_compiled(self):
-        # Unobserved inference calls the router's forward without nn.Module.__call__, except for a router
-        # compiled with nn.Module.compile, whose compiled call must be the one that runs.
-        x = _inputs(6, (8, 8, 8))
-        gated = _random_router(GatedBlock(CifarBasicBlock(8, 8)), x).eval()
-        gated.router.compile(backend="eager")
-        compiled_call, calls = gated.router._compiled_call_impl, []
-        gated.router._compiled_call_impl = lambda *args: calls.append(1) or compiled_call(*args)
-        with torch.no_grad():
-            gated(x)
-            expected = gated.router.forward(x)
-        assert calls == [1]
-        torch.testing.assert_close(gated.last_logits, expected, atol=0, rtol=0)
 
     def test_skipped_identity_block_leaves_its_input_alone_and_backpropagates(self):
         # torchvision's shared ReLU is in place; a skipped identity block must not write into x.
@@ -312,6 +318,76 @@ class TestSparseExecution:
             torch.testing.assert_close(batch, before, atol=0, rtol=0)
             gate = gated.last_gate.view(-1, 1, 1, 1)
             torch.testing.assert_close(out, (2 - view) * before + gate * before)
+
+
+class TestGatedResidual:
+    """The functional gate op against a brute-force loop over the samples."""
+
+    def _parts(self, n: int = 6):
+        torch.manual_seed(0)
+        conv = nn.Conv2d(4, 4, 3, padding=1)
+        x = torch.randn(n, 4, 5, 5)
+        seen = []
+
+        def residual(rows):
+            seen.append(len(rows))
+            return conv(rows)
+
+        return conv, x, 2 * x, residual, seen
+
+    def test_masked_scales_every_row_by_its_gate(self):
+        conv, x, shortcut, residual, seen = self._parts()
+        gate = torch.rand(6)
+        out = dynroute.gated_residual(shortcut, residual, x, gate, execution="masked")
+        expected = torch.stack([shortcut[i] + gate[i] * conv(x[i : i + 1])[0] for i in range(6)])
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+        assert seen == [6]
+
+    @pytest.mark.parametrize("decisions", [[1, 0, 0, 1, 1, 0], [1] * 6, [0] * 6, [0, 0, 1, 0, 0, 0]])
+    def test_sparse_runs_the_branch_on_the_routed_rows_only(self, decisions):
+        conv, x, shortcut, residual, seen = self._parts()
+        gate = torch.tensor(decisions, dtype=torch.bool)
+        with torch.no_grad():
+            out = dynroute.gated_residual(shortcut, residual, x, gate)
+            expected = torch.stack(
+                [shortcut[i] + conv(x[i : i + 1])[0] if d else shortcut[i] for i, d in enumerate(decisions)]
+            )
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+        assert seen == ([sum(decisions)] if any(decisions) else [])
+        assert out.data_ptr() not in (x.data_ptr(), shortcut.data_ptr()), "a new tensor, never x or the shortcut"
+
+    @pytest.mark.parametrize("gate", [True, False])
+    def test_a_bool_is_the_same_decision_for_every_row(self, gate):
+        conv, x, shortcut, residual, seen = self._parts()
+        with torch.no_grad():
+            out = dynroute.gated_residual(shortcut, residual, x, gate)
+        torch.testing.assert_close(out, shortcut + conv(x) if gate else shortcut, atol=1e-6, rtol=0)
+        assert seen == ([6] if gate else [])
+        assert out.data_ptr() != shortcut.data_ptr()
+
+    def test_training_runs_a_single_routed_row_masked(self):
+        conv, x, shortcut, residual, seen = self._parts()
+        gate = torch.tensor([0, 0, 1, 0, 0, 0])
+        out = dynroute.gated_residual(shortcut, residual, x, gate, training=True)
+        assert seen == [6]
+        torch.testing.assert_close(out, dynroute.gated_residual(shortcut, residual, x, gate), atol=1e-6, rtol=0)
+
+    def test_training_with_no_routed_row_gives_the_parameters_a_zero_gradient(self):
+        conv, x, shortcut, residual, _ = self._parts()
+        gate = torch.zeros(6, dtype=torch.bool)
+        out = dynroute.gated_residual(shortcut, residual, x, gate, training=True, parameters=conv.parameters())
+        out.sum().backward()
+        assert torch.equal(conv.weight.grad, torch.zeros_like(conv.weight))
+        torch.testing.assert_close(out, shortcut, atol=0, rtol=0)
+        out = dynroute.gated_residual(shortcut, residual, x, gate, parameters=conv.parameters())  # not training
+        assert not out.requires_grad
+
+    def test_bad_arguments(self):
+        _, x, shortcut, residual, _ = self._parts()
+        with pytest.raises(ValueError, match="execution must be one of"):
+            dynroute.gated_residual(shortcut, residual, x, torch.ones(6), execution="lazy")
+        with pytest.raises(ValueError, match=r"one value per sample, shape \(6,\), but got \(3,\)"):
+            dynroute.gated_residual(shortcut, residual, x, torch.ones(3))
 
 
 class TestTrainMode:
@@ -386,8 +462,13 @@ class TestValidation:
 
     def test_bad_forced_gate_and_execution(self):
         gated = GatedBlock(CifarBasicBlock(8, 8))
-        with pytest.raises(ValueError, match="'open', 'closed' or None"):
+        with pytest.raises(ValueError, match="'open', 'closed', a tensor of decisions or None"):
             gated.force_gate("half")
+        with pytest.raises(ValueError, match="1-D bool or integer tensor"):
+            gated.force_gate(torch.ones(4))
+        gated.force_gate(torch.ones(4, dtype=torch.bool))
+        with pytest.raises(ValueError, match="hold 4 samples but the batch has 2"):
+            gated(torch.randn(2, 8, 8, 8))
         with pytest.raises(ValueError, match="execution"):
             gated.set_execution("lazy")
 

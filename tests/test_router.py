@@ -1,6 +1,4 @@
 import math
-import subprocess
-import sys
 
 import pytest
 import timm
@@ -91,22 +89,6 @@ class TestRouter:
             router.fc2 = torch.nn.Sequential(router.fc2, torch.nn.Tanh())
             torch.testing.assert_close(router(x), tanh_logits)
 
-    def test_inference_skips_module_dispatch_with_the_same_logits(self):
-        router = Router(24, hidden_channels=16).eval()
-        torch.nn.init.normal_(router.fc2.weight, std=3.0)
-        x = torch.randn(5, 24, 7, 7)
-        dispatched = router(x)  # autograd on: the layers run as modules
-        called = []
-        sys.setprofile(lambda frame, event, arg: called.append(frame.f_code) if event == "call" else None)
-        try:
-            with torch.no_grad():
-                bare = router(x)
-        finally:
-            sys.setprofile(None)
-        assert torch.equal(bare, dispatched)
-        assert torch.nn.Linear.forward.__code__ not in called
-        assert torch.nn.Module._call_impl.__code__ in called  # the profiler saw the router's own call
-
     def test_replaced_forwards_run_in_inference(self, monkeypatch):
         # accelerate's offloading sets forward on the object; a patch may replace it on the class.
         router = Router(16).eval()
@@ -143,23 +125,6 @@ class TestRouter:
         with torch.no_grad():
             hidden = torch.nn.functional.linear(x.mean((2, 3)), weight, router.fc1.bias).relu()
             assert torch.equal(router(x), router.fc2(hidden))
-
-    def test_class_forward_patched_before_import_runs_in_inference(self):
-        # A library that patched nn.ReLU.forward before dynroute was imported, even keeping torch's names
-        # with functools.wraps, still has its forward run.
-        script = (
-            "import functools, torch\n"
-            "torch.nn.ReLU.forward = functools.wraps(torch.nn.ReLU.forward)(lambda self, input: input.abs())\n"
-            "import dynroute\n"
-            "router = dynroute.Router(16).eval()\n"
-            "torch.nn.init.normal_(router.fc2.weight)\n"
-            "x = torch.randn(3, 16, 4, 4)\n"
-            "with torch.no_grad():\n"
-            "    hidden = torch.nn.functional.linear(x.mean((2, 3)), router.fc1.weight, router.fc1.bias).abs()\n"
-            "    assert torch.equal(router(x), router.fc2(hidden)), 'the patched forward did not run'\n"
-        )
-        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-        assert result.returncode == 0, result.stderr
 
     def test_extra_repr_tells_the_settings(self):
         assert "relaxation='straight_through'" in repr(Router(16, relaxation="straight_through"))

@@ -13,7 +13,6 @@ To teach the converter a new block::
         shortcut=lambda b, x: x if b.down is None else b.down(x),
         activation=lambda b, x: b.act(x),
         in_channels=lambda b: b.conv1.in_channels,
-        final_activation=lambda b: b.act,  # optional: lets sparse execution recognise a ReLU
     ))
 """
 
@@ -34,17 +33,12 @@ class BlockAdapter:
         shortcut: ``(block, x) -> x`` or its downsampling, same shape as ``residual``.
         activation: ``(block, y) -> act(y)``, applied after the sum (identity if none).
         in_channels: ``block -> C_in``, the channels the router sees.
-        final_activation: ``block -> module`` that ``activation`` applies, if it is one (optional).
-            When it is an ``nn.ReLU`` in two consecutive gated blocks of a stage, sparse execution
-            leaves the rows the second skips as they are instead of applying the ReLU to its
-            input again (``relu(relu(y)) == relu(y)``).
     """
 
     residual: Callable[[nn.Module, Tensor], Tensor]
     shortcut: Callable[[nn.Module, Tensor], Tensor]
     activation: Callable[[nn.Module, Tensor], Tensor]
     in_channels: Callable[[nn.Module], int]
-    final_activation: Callable[[nn.Module], nn.Module] | None = None
 
 
 _REGISTRY: dict[type[nn.Module], BlockAdapter] = {}

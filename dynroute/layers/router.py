@@ -7,15 +7,11 @@ reparameterized Gumbel-softmax (Eq. 7); in eval it is the deterministic argmax (
 """
 
 import math
-from collections.abc import Callable
-from functools import partial
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from dynroute.layers.hooks import has_global_forward_hooks, runs_as_stock, runs_own_forward, torch_forward
 
 __all__ = ["Router", "relaxed_gate", "hard_gate"]
 
@@ -53,52 +49,9 @@ def hard_decision(logits: Tensor) -> Tensor:
     return logits.argmax(1)
 
 
-def decides_to_run(skip: float, run: float) -> bool:
-    """:func:`hard_decision` of one sample's two logits as Python floats, by the same rule, without a tensor op."""
-    return run > skip or (run != run and skip == skip)  # x != x: x is NaN
-
-
 def hard_gate(logits: Tensor) -> Tensor:
     """Deterministic decision u_k = argmax(U_k) of Eq. 13, shape (N, 2) -> (N,) float32 of 0/1."""
     return hard_decision(logits).float()
-
-
-# torch's own forwards of the layers the router may run as bare ops. A class patched before this import
-# has no entry; one patched after it fails the identity check in runs_as_stock.
-_LINEAR_FORWARD = torch_forward(nn.Linear)
-_RELU_FORWARD = torch_forward(nn.ReLU)
-
-
-def _linear_tensors(linear: nn.Linear) -> tuple[Tensor, Tensor | None] | None:
-    """(weight, bias) of a linear layer that holds both as parameters, else None.
-
-    ``torch.func.functional_call`` swaps tensors inside ``_parameters``; a parameter deleted and set again
-    as a plain attribute leaves it, and the layer then runs as a module.
-    """
-    parameters = linear._parameters  # a dict lookup: nn.Module.__getattr__ costs as much as a small op here
-    if "weight" not in parameters or "bias" not in parameters:
-        return None
-    return parameters["weight"], parameters["bias"]
-
-
-# fc1's weight and bias, then fc2's
-_BareTensors = tuple[Tensor, Tensor | None, Tensor, Tensor | None]
-
-
-def _bare_layers(router: nn.Module) -> _BareTensors | None:
-    """fc1's and fc2's (weight, bias) if the router's three layers may run as bare ops, else None."""
-    modules = router._modules
-    fc1, act, fc2 = modules["fc1"], modules["act"], modules["fc2"]
-    if not (
-        runs_as_stock(fc1, nn.Linear, _LINEAR_FORWARD)
-        and runs_as_stock(act, nn.ReLU, _RELU_FORWARD)
-        and runs_as_stock(fc2, nn.Linear, _LINEAR_FORWARD)
-    ):
-        return None
-    first, second = _linear_tensors(fc1), _linear_tensors(fc2)
-    if first is None or second is None:
-        return None
-    return *first, *second
 
 
 def check_gate_settings(temperature: float, relaxation: str, init_open_prob: float) -> None:
@@ -213,44 +166,18 @@ class Router(nn.Module):
 
         Under autocast the router still runs in its own (float32) precision: a decision is the sign of
         a logit difference, which bfloat16 would round, and the router costs next to nothing.
-
-        The layers are called as modules, so hooks, quantization and other module swaps apply to them.
-        Inference with the stock layers as they are (no hook, no replaced forward or parameter) runs the
-        same ops, bit for bit, without the module dispatches and attribute lookups, which at batch 1
-        cost more than the ops themselves. With autograd on (checked first), as in training, nothing
-        else is checked.
         """
-        bare = None if torch.is_grad_enabled() or has_global_forward_hooks() else _bare_layers(self)
-        return self._logits(x, bare)
-
-    def _logits(self, x: Tensor, bare: _BareTensors | None) -> Tensor:
-        """Logits (N, 2) of x in the router's dtype, autocast off; ``bare`` as in :meth:`_mlp`."""
-        if bare is not None:
-            dtype = bare[0].dtype
-        else:
-            weight = self.fc1.weight  # a method, not a tensor, once torch.ao.quantization swapped the layer
-            dtype = weight.dtype if isinstance(weight, Tensor) else torch.float32
-        if x.dtype != dtype:
-            x = x.to(dtype)
+        weight = self.fc1.weight  # a method, not a tensor, once torch.ao.quantization swapped the layer
+        x = x.to(weight.dtype if isinstance(weight, Tensor) else torch.float32)
         if not torch.is_autocast_enabled(x.device.type):
-            return self._mlp(x, bare)
+            return self._layers(x)
         with torch.autocast(x.device.type, enabled=False):
-            return self._mlp(x, bare)
+            return self._layers(x)
 
-    def _stock_logits(self, x: Tensor, bare: _BareTensors) -> Tensor:
-        """:meth:`_logits` with stock layers and autocast off: x cast to the layers' dtype, then :meth:`_mlp`."""
-        if x.dtype != bare[0].dtype:
-            x = x.to(bare[0].dtype)
-        return self._mlp(x, bare)
-
-    def _mlp(self, x: Tensor, bare: _BareTensors | None) -> Tensor:
-        """Logits (N, 2) from x (N, C, H, W); ``bare`` is :func:`_bare_layers`' tensors, or None for the modules."""
+    def _layers(self, x: Tensor) -> Tensor:
+        """fc2(act(fc1(GAP(x)))) for x (N, C, H, W): logits (N, 2)."""
         # One `mean`, no pool-then-flatten: as fast as adaptive_avg_pool2d or faster at every size measured.
-        pooled = x.mean((2, 3))
-        if bare is None:
-            return self.fc2(self.act(self.fc1(pooled)))
-        weight1, bias1, weight2, bias2 = bare
-        return F.linear(F.linear(pooled, weight1, bias1).relu_(), weight2, bias2)
+        return self.fc2(self.act(self.fc1(x.mean((2, 3)))))
 
     def gate(self, logits: Tensor, hard: bool) -> Tensor:
         """Gate values (N,): relaxed per Eq. 7 unless ``hard``, else the argmax decision."""
@@ -263,24 +190,3 @@ class Router(nn.Module):
             f"temperature={self.temperature}, relaxation={self.relaxation!r}, init_open_prob={self.init_open_prob}, "
             f"decision_offset={self.decision_offset.item():g}"
         )
-
-
-# Router's own forward; one patched on the class later, or a subclass's, is called as is.
-_ROUTER_FORWARD = Router.forward
-
-
-def unobserved_logits(router: nn.Module) -> Callable[[Tensor], Tensor]:
-    """``x -> router(x)``, worked out for forwards that run without autograd and that no forward hook (global,
-    or on the router or inside it) can see.
-
-    A :class:`Router` that runs its own ``forward``, with stock layers and autocast off on its device, gets its
-    four ops and nothing around them. Otherwise: with stock layers, the ops with the dtype and autocast handling
-    of ``forward``; with other layers, the layers called as modules; for a router that is not called as is
-    (see :func:`~dynroute.hooks.runs_own_forward`), the module call itself.
-    """
-    if not runs_own_forward(router, _ROUTER_FORWARD):
-        return router
-    bare = _bare_layers(router)
-    if bare is None or torch.is_autocast_enabled(bare[0].device.type):
-        return partial(router._logits, bare=bare)
-    return partial(router._stock_logits, bare=bare)

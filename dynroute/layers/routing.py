@@ -50,12 +50,30 @@ def require_gated_blocks(model: nn.Module) -> list[tuple[str, GatedBlock]]:
 
 
 def force_gates(model: nn.Module, state: ForcedGate | None) -> nn.Module:
-    """Force every gate ``"open"`` (the dense network) or ``"closed"``, or route again with None.
+    """Force every gate ``"open"`` (the dense network) or ``"closed"``, or to given decisions; route again with None.
+
+    The routers still run and record their logits; only the decisions are replaced.
+
+    Args:
+        model: a converted model.
+        state: ``"open"``, ``"closed"``, None, or 0/1 decisions (N, n_blocks) as a bool or integer
+            tensor, one row per sample of each batch to come, columns in :func:`gated_blocks` order
+            (``routing_paths(model).bool()`` replays the paths of a forward).
 
     Returns:
         The same model, for chaining.
     """
-    for _, block in require_gated_blocks(model):
+    blocks = require_gated_blocks(model)
+    if isinstance(state, Tensor):
+        if state.dim() != 2 or state.shape[1] != len(blocks):
+            raise ValueError(
+                f"forced decisions must have shape (N, {len(blocks)}), one column per gated block, but got "
+                f"{tuple(state.shape)}"
+            )
+        for (_, block), decisions in zip(blocks, state.unbind(1)):
+            block.force_gate(decisions)
+        return model
+    for _, block in blocks:
         block.force_gate(state)
     return model
 

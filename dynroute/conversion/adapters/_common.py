@@ -1,6 +1,7 @@
-"""Pieces the block families' adapters share: optional layers, the downsample shortcut, a named final activation."""
+"""Pieces the block families' adapters share: optional layers, the downsample shortcut, a child module by name."""
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from torch import Tensor, nn
 
@@ -22,17 +23,20 @@ def conv1_in_channels(block: nn.Module) -> int:
     return block.conv1.in_channels
 
 
+@dataclass(frozen=True)
+class ChildModule:
+    """``(block, x) -> block.<name>(x)``: a part of a block (shortcut, final activation) that is one of its children."""
+
+    name: str
+
+    def __call__(self, block: nn.Module, x: Tensor) -> Tensor:
+        return getattr(block, self.name)(x)
+
+
 def named_activation_adapter(
     residual: Callable[[nn.Module, Tensor], Tensor],
     shortcut: Callable[[nn.Module, Tensor], Tensor],
     final_activation: str,
 ) -> BlockAdapter:
     """An adapter whose final activation is the block's child ``final_activation`` and router input ``conv1``'s."""
-
-    def module(block: nn.Module) -> nn.Module:
-        return getattr(block, final_activation)
-
-    def activation(block: nn.Module, x: Tensor) -> Tensor:
-        return getattr(block, final_activation)(x)
-
-    return BlockAdapter(residual, shortcut, activation, conv1_in_channels, final_activation=module)
+    return BlockAdapter(residual, shortcut, ChildModule(final_activation), conv1_in_channels)
