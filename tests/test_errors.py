@@ -265,7 +265,7 @@ CASES = [
         "bad-forced-gate",
         lambda model, table: dynroute.force_gates(model, "half"),
         ValueError,
-        r"'open', 'closed' or None, but got 'half'",
+        r"'open', 'closed', a tensor of decisions or None, but got 'half'",
     ),
     (
         "bad-execution",
