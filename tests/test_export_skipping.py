@@ -218,6 +218,21 @@ class TestModelAndErrors:
         torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
         assert paths.eq(float(state == "open")).all()
 
+    def test_forced_decisions_per_image(self, model, reference):
+        x, _, paths = reference
+        forced = 1 - paths[:4]  # the opposite of what the routers decide
+        try:
+            dynroute.force_gates(model, forced.bool())
+            with torch.no_grad():
+                expected = model(x[:4])
+            program = dynroute.export_skipping_program(model, x[:4], dynamic_batch=False, with_paths=True)
+        finally:
+            dynroute.force_gates(model, None)
+        with torch.inference_mode():
+            logits, got_paths = program.module()(x[:4])
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_paths, forced, rtol=0, atol=0)
+
     def test_branch_that_depends_on_the_row_count(self):
         model = dynroute.convert_resnet(nn.Sequential(RowCountBlock(), RowCountBlock()), input_size=(4, 8, 8)).eval()
         x = torch.randn(3, 4, 8, 8)

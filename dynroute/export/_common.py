@@ -1,5 +1,7 @@
 """Pieces the export forms share: the example batch to trace with and its dynamic batch dimension."""
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -19,4 +21,7 @@ def export_batch(module: torch.nn.Module, example: Tensor, dynamic_batch: bool) 
     """``torch.export`` (non-strict) the forward of ``module`` on ``example``, its batch dimension any N >= 1 if
     ``dynamic_batch``, else fixed."""
     dynamic_shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
-    return torch.export.export(module, (example,), dynamic_shapes=dynamic_shapes, strict=False)
+    with warnings.catch_warnings():  # the gates a forward records stay Python attributes: WithPaths returns them
+        warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
+        # Non-strict: the strict tracer cannot trace the __dict__ update that records each block's gates.
+        return torch.export.export(module, (example,), dynamic_shapes=dynamic_shapes, strict=False)

@@ -60,10 +60,7 @@ def export_masked_program(
     exported = set_execution(copy.deepcopy(model), "masked").eval()
     if with_paths:
         exported = WithPaths(exported)
-    with warnings.catch_warnings():  # the gates a forward records stay Python attributes: with_paths returns them
-        warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
-        # Non-strict: the strict tracer of torch 2.4 cannot trace the __dict__ update that records each block's gates.
-        return export_batch(exported, example, dynamic_batch)
+    return export_batch(exported, example, dynamic_batch)
 
 
 def export_program(

@@ -1,14 +1,15 @@
 """Export a converted model as a graph that skips: the runtime does not run a skipped block's residual branch.
 
-Each gated block becomes one ``torch.cond`` on its router's decisions (argmax of the logits, a tie
-skipping, as in eager eval), which ``torch.onnx.export(program, dynamo=True)`` turns into one ONNX
-``If`` node. When no image is routed to the block, the branch that runs gives ``act(shortcut)``;
-otherwise the other one:
+Each gated block becomes one ``torch.cond`` on its eval decisions (the router's argmax, or the gate
+forced on the block), which ``torch.onnx.export(program, dynamo=True)`` turns into one ONNX ``If``
+node. When no image is routed to the block, the branch that runs is :func:`dynroute.gated_residual`
+with the gate closed, ``act(shortcut)``; otherwise the other one:
 
-- at batch 1 (a one-image example, ``dynamic_batch=False``): ``act(shortcut + F(x))``;
-- at any other batch: gathers the routed rows (``nonzero``, ``index_select``), runs ``F`` on them only,
-  adds them to their shortcut rows (``index_add``) and applies ``act``. How many rows that is depends
-  on the data: an unbacked size in ``torch.export``, a data-dependent shape in ONNX.
+- at batch 1 (a one-image example, ``dynamic_batch=False``): ``gated_residual`` with the gate open,
+  ``act(shortcut + F(x))``;
+- at any other batch: the routed rows are gathered, run through ``F`` and added to their shortcut
+  rows, as sparse eval runs them. How many rows that is depends on the data: an unbacked size in
+  ``torch.export``, a data-dependent shape in ONNX.
 
 So a block no image of the batch is routed to costs its router and shortcut, and in a batch, each
 residual branch runs on the routed rows only. The program can also return the paths, for a server
@@ -16,121 +17,82 @@ to log.
 """
 
 import copy
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
+from dynroute._validation import check_image_batch
 from dynroute.export._common import example_batch, export_batch
-from dynroute.layers.gated_block import GatedBlock
+from dynroute.export.masked import WithPaths
+from dynroute.layers.gated_block import GatedBlock, gated_residual, merge_routed_rows
 from dynroute.layers.routing import require_gated_blocks
 from dynroute.layers.stage import GatedSequential
 
 __all__ = ["export_skipping_program"]
 
 
-class _PathLog:
-    """The int64 0/1 decisions (N,) of each gated block in one forward, by the block's position in ``gated_blocks``."""
-
-    def __init__(self, num_blocks: int) -> None:
-        self.num_blocks = num_blocks
-        self._gates: dict[int, Tensor] = {}
-
-    def record(self, position: int, decisions: Tensor) -> None:
-        self._gates[position] = decisions
-
-    def take(self) -> Tensor:
-        """The paths (N, n_blocks) of the forward in float32, in ``gated_blocks`` order; the log is empty again."""
-        gates, self._gates = self._gates, {}
-        missing = sorted(set(range(self.num_blocks)) - set(gates))
-        if missing:
-            raise RuntimeError(
-                f"gated blocks at positions {missing[:3]} of dynroute.gated_blocks(model) did not run in the "
-                "forward, so it has no path to return; export with with_paths=False"
-            )
-        # One conversion for all blocks: a runtime pays per op, and ONNX Runtime per node, however small.
-        return torch.stack([gates[position] for position in range(self.num_blocks)], dim=1).float()
-
-
 class _SkippingBlock(GatedBlock):
-    """A gated block whose output is one ``torch.cond`` on its int64 0/1 decisions (N,): routed or skipped.
+    """A gated block whose eval forward is one ``torch.cond``: routed (some image runs the branch) or skipped.
 
     Export copies get it by a class swap, as ``convert_resnet`` makes stages ``GatedSequential``: the
-    block keeps its modules, parameters and names. Subclasses give :meth:`routed_output`. The final
-    activation runs inside the branches, where a runtime can fuse it with the last convolution.
+    block keeps its modules, parameters and names. The activation runs inside the branches, where a
+    runtime can fuse it with the last convolution.
 
     Attributes:
-        path_log: where the decisions of each forward go.
-        position: the block's position in :func:`dynroute.gated_blocks`.
+        gathers: the routed branch runs the residual branch on the routed rows only (any batch), rather
+            than on the whole batch (a batch of one).
     """
 
-    path_log: _PathLog
-    position: int
+    gathers: bool
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, C_in, H, W) -> (N, C_out, H', W'); the residual branch runs only if some image is routed to it."""
+        check_image_batch(x, "GatedBlock")
+        logits = self.router(x)
+        gate = self._gate(logits)
         shortcut = self.adapter.shortcut(self.block, x)
-        if self.forced_gate is None:
-            decisions = self.router(x).argmax(1)  # of (skip, run), as eager eval decides: a tie skips
-            routed = decisions.amax(0) > 0
-            out = torch.cond(routed, self.routed_output, self.skipped_output, (x, shortcut, decisions))
+        if isinstance(gate, bool):  # forced open or closed: nothing is left to the data
+            out = self._output(x, shortcut, gate)
         else:
-            opened = self.forced_gate == "open"
-            decisions = torch.full((x.shape[0],), int(opened), device=x.device)
-            out = (self.routed_output if opened else self.skipped_output)(x, shortcut, decisions)
-        self.path_log.record(self.position, decisions)
+            out = torch.cond(gate.amax(0) > 0, self._routed, self._skipped, (x, shortcut, gate))
+        self._record(gate, logits, x.shape)
         return out
 
-    def skipped_output(self, x: Tensor, shortcut: Tensor, decisions: Tensor) -> Tensor:
-        """The output when no image is routed: the activation of a copy of the shortcut (a branch of
-        ``torch.cond`` may neither return nor modify its inputs)."""
-        return self.adapter.activation(self.block, shortcut.clone())
-
-    def routed_output(self, x: Tensor, shortcut: Tensor, decisions: Tensor) -> Tensor:
-        """The output when at least one of ``decisions`` (N,) is 1."""
-        raise NotImplementedError
-
-
-class _SingleImageBlock(_SkippingBlock):
-    """Batch 1: the one image runs the residual branch."""
-
-    def routed_output(self, x: Tensor, shortcut: Tensor, decisions: Tensor) -> Tensor:
-        return self.adapter.activation(self.block, shortcut + self.adapter.residual(self.block, x))
-
-
-class _GatheringBlock(_SkippingBlock):
-    """Any batch: the residual branch runs on the routed rows, gathered, and is added back to their shortcut."""
-
-    def routed_output(self, x: Tensor, shortcut: Tensor, decisions: Tensor) -> Tensor:
+    def _routed(self, x: Tensor, shortcut: Tensor, decisions: Tensor) -> Tensor:
+        """The output when at least one of ``decisions`` (N,) is 1: the whole batch runs the residual branch
+        (a batch of one), or the routed rows do, as sparse eval runs them."""
+        if not self.gathers:
+            return self._output(x, shortcut, True)
         routed = decisions.nonzero().squeeze(1)
-        # This branch runs only if some row is routed: without the hint, a layer that checks for an empty
+        # The branch runs only if some row is routed: without the hint, a layer that checks for an empty
         # input (batch norm does) cannot be traced on an unbacked number of rows.
         torch._check(routed.shape[0] > 0)
-        residual = self.adapter.residual(self.block, x.index_select(0, routed))
-        return self.adapter.activation(self.block, shortcut.index_add(0, routed, residual.to(shortcut.dtype)))
+        merged = merge_routed_rows(shortcut, partial(self.adapter.residual, self.block), x, routed)
+        return self.adapter.activation(self.block, merged)
+
+    def _skipped(self, x: Tensor, shortcut: Tensor, decisions: Tensor) -> Tensor:
+        """The output when every one of ``decisions`` (N,) is 0."""
+        return self._output(x, shortcut, False)
+
+    def _output(self, x: Tensor, shortcut: Tensor, gate: bool) -> Tensor:
+        """The block's output with the gate open or closed for every image: :func:`gated_residual` (a new tensor,
+        as a branch of ``torch.cond`` must return), then the activation."""
+        merged = gated_residual(shortcut, partial(self.adapter.residual, self.block), x, gate)
+        return self.adapter.activation(self.block, merged)
 
 
-class _SkippingProgram(nn.Module):
-    """What :func:`export_skipping_program` traces: the model, then the paths its blocks logged."""
-
-    def __init__(self, model: nn.Module, block_class: type[_SkippingBlock], with_paths: bool) -> None:
-        super().__init__()
-        self.model = copy.deepcopy(model).eval()
-        blocks = require_gated_blocks(self.model)
-        self.path_log = _PathLog(len(blocks))
-        self.with_paths = with_paths
-        for position, (_, block) in enumerate(blocks):
-            block.__class__ = block_class
-            block.path_log, block.position = self.path_log, position
-        for module in self.model.modules():
-            if type(module) is GatedSequential:
-                module.__class__ = nn.Sequential  # its gated blocks now run a forward of their own
-
-    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-        """(N, C, H, W) -> logits, or ``(logits, paths)`` with paths (N, n_blocks) of 0/1."""
-        logits = self.model(x)
-        paths = self.path_log.take()
-        return (logits, paths) if self.with_paths else logits
+def _skipping_copy(model: nn.Module, gathers: bool) -> nn.Module:
+    """A deep copy of ``model`` in eval mode whose gated blocks are :class:`_SkippingBlock`."""
+    model = copy.deepcopy(model).eval()
+    for _, block in require_gated_blocks(model):
+        block.__class__ = _SkippingBlock
+        block.gathers = gathers
+    for module in model.modules():
+        if type(module) is GatedSequential:
+            module.__class__ = nn.Sequential  # each block runs its own forward, never the stage's fast path
+    return model
 
 
 def _guards_on_data(error: BaseException | None) -> bool:
@@ -156,7 +118,7 @@ def export_skipping_program(
     Each gated block is one ``torch.cond`` (one ``If`` node in ONNX) whose branch for routed images
     runs the residual branch; a skipped block's convolutions are not run. The user's model is not
     changed. The program's ``module()`` returns the eval model's logits (and its paths with
-    ``with_paths``); pass the program to ``torch.onnx.export(program, dynamo=True)`` for ONNX.
+    ``with_paths``); pass the program to :func:`dynroute.export_onnx` for ONNX Runtime.
 
     Args:
         model: a converted model.
@@ -176,10 +138,11 @@ def export_skipping_program(
         >>> logits, paths = program.module()(image)  # with_paths=True
     """
     example = example_batch(example_inputs, dynamic_batch)
-    single_image = example.shape[0] == 1
-    program = _SkippingProgram(model, _SingleImageBlock if single_image else _GatheringBlock, with_paths)
+    exported = _skipping_copy(model, gathers=example.shape[0] > 1)
+    if with_paths:
+        exported = WithPaths(exported)
     try:
-        return export_batch(program, example, dynamic_batch)
+        return export_batch(exported, example, dynamic_batch)
     except Exception as error:
         if not _guards_on_data(error):
             raise
