@@ -23,8 +23,11 @@ from dynroute.conversion import adapters as _adapters  # noqa: F401  (registers 
 from dynroute.conversion.convert import convert_resnet
 from dynroute.conversion.flops import MacsTable, build_macs_table, count_macs, macs_table
 from dynroute.conversion.registry import BlockAdapter, get_adapter, register_block, registered_block_types
+from dynroute.export.masked import WithPaths, export_masked_program
+from dynroute.export.masked import export_program as export_program  # deprecated, not in __all__
+from dynroute.export.onnx_model import export_onnx
 from dynroute.export.pretrained import from_pretrained, push_to_hub, save_pretrained
-from dynroute.export.program import WithPaths, export_program
+from dynroute.export.skipping import export_skipping_program
 from dynroute.layers.gated_block import GatedBlock, gated_residual
 from dynroute.layers.router import Router, hard_gate, relaxed_gate
 from dynroute.layers.routing import (
@@ -111,7 +114,9 @@ __all__ = [
     "load_dense_state_dict",
     # deployment
     "WithPaths",
-    "export_program",
+    "export_masked_program",
+    "export_skipping_program",
+    "export_onnx",
     "save_pretrained",
     "from_pretrained",
     "push_to_hub",

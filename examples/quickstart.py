@@ -27,7 +27,7 @@ from tqdm import tqdm
 import dynroute
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import evaluate  # noqa: E402
+from training_loop import evaluate  # noqa: E402
 
 # Importing torch.utils.benchmark imports torch.utils.cpp_extension, which on a CUDA build of torch without a GPU
 # logs "No CUDA runtime is found, using CUDA_HOME=..." at import. It concerns compiling CUDA extensions, which the

@@ -24,13 +24,8 @@ import dynroute
 from dynroute.training.data import MultiViewTransform, eval_transform, train_transform
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (  # noqa: E402
-    add_training_arguments,
-    image_folder_split,
-    resolve_arguments,
-    run_training,
-    setup_distributed,
-)
+from codinet_flags import add_training_arguments, resolve_arguments  # noqa: E402
+from training_loop import image_folder_split, run_training, setup_distributed  # noqa: E402
 
 BACKBONES = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet74", "resnet110")
 DATASETS = ("cifar10", "cifar100", "svhn", "imagefolder")

@@ -20,13 +20,8 @@ from torchvision import transforms as T
 import dynroute
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (  # noqa: E402
-    add_training_arguments,
-    image_folder_split,
-    resolve_arguments,
-    run_training,
-    setup_distributed,
-)
+from codinet_flags import add_training_arguments, resolve_arguments  # noqa: E402
+from training_loop import image_folder_split, run_training, setup_distributed  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -59,3 +59,29 @@ class UnregisteredBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
+
+
+class RowCountBlock(nn.Module):
+    """A registered residual block whose branch decides something from its number of rows: a batched graph that
+    skips cannot gather for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.residual(x))
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) * 2 if x.shape[0] > 1 else self.conv(x)
+
+
+dynroute.register_block(
+    RowCountBlock,
+    dynroute.BlockAdapter(
+        residual=lambda block, x: block.residual(x),
+        shortcut=lambda block, x: x,
+        activation=lambda block, x: torch.relu(x),
+        in_channels=lambda block: 4,
+    ),
+)

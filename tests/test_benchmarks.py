@@ -2,6 +2,7 @@
 
 import copy
 import importlib.util
+import itertools
 import math
 import sys
 from pathlib import Path
@@ -285,3 +286,49 @@ class TestRoutingFloor:
     def test_other_batches_are_refused(self):
         with pytest.raises(SystemExit, match="batch 1 only"):
             floor.main(["--quick", "--batches", "4"])
+
+
+def _deploy_script():
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        pytest.importorskip(name, reason="deploy_speed.py needs the export extra: pip install 'dynroute[export]'")
+    return sys.modules.get("deploy_speed") or _load_script("deploy_speed")
+
+
+class TestDeploySpeed:
+    """The deployment benchmark times every graph in both runtimes and checks the graphs that skip."""
+
+    def test_fitted_routers_take_the_drawn_paths_and_vary_elsewhere(self):
+        deploy = _deploy_script()
+        generator = torch.Generator().manual_seed(0)
+        model = dynroute.convert_resnet(dynroute.models.resnet20(), input_size=(3, 32, 32))
+        bench.randomize_batchnorm(model, generator)
+        images = torch.randn(40, 3, 32, 32, generator=generator)
+        decisions = bench.random_decisions(8, 9, 0.5, generator)
+        deploy.fit_routers(model, images, decisions, generator)
+        with torch.no_grad():
+            model(images)
+        paths = dynroute.routing_paths(model)
+        torch.testing.assert_close(paths[:8], decisions, rtol=0, atol=0)
+        others = paths[8:]
+        assert len(torch.unique(others, dim=0)) > 8, "the other images take varied paths"
+        assert 0.2 < others.mean() < 0.8
+
+    @pytest.mark.slow
+    def test_quick_run(self, capsys):
+        deploy = _deploy_script()
+        rows, checks = _quick_main(deploy, "--check-images", "8")
+        out = capsys.readouterr().out
+        rates = deploy.QUICK_DEFAULTS["rates"]
+        expected = {(runtime, "dense", None) for runtime in deploy.RUNTIMES}
+        for runtime, graph, rate in itertools.product(deploy.RUNTIMES, ("masked", "skipping"), rates):
+            expected.add((runtime, graph, rate))
+        assert {(row.runtime, row.graph, row.rate) for row in rows} == expected
+        for row in rows:
+            assert row.ms > 0 and math.isfinite(row.time_ratio) and row.time_ratio > 0
+            assert (row.macs_ratio == 1.0) == (row.graph == "dense")
+            assert f"{row.efficiency:.3f}" in out
+        assert {(check.runtime, check.graph) for check in checks} == {
+            (runtime, graph) for runtime in deploy.RUNTIMES for graph in ("batch 1", "batch 4")
+        }
+        assert all(check.passed and check.images == 8 for check in checks)
+        assert "checks passed: 4 of 4" in out

@@ -148,6 +148,12 @@ def check_save_and_share(namespace: dict, tmp_path: Path) -> None:
     assert namespace["result"].images == 16 and namespace["model"].dynroute_config["metadata"]["top1"] >= 0
 
 
+def check_deploy(namespace: dict, tmp_path: Path) -> None:
+    assert {"routed.pt2", "routed.onnx", "routed_batched.onnx"} <= {path.name for path in tmp_path.iterdir()}
+    assert namespace["label"] in range(10)
+    assert len(namespace["blocks_run"]) == 9
+
+
 def offline_hub(monkeypatch, tmp_path: Path) -> None:
     """huggingface_hub's upload and download go to a folder standing in for the Hub: the page runs offline."""
     hub = tmp_path / "hub"
@@ -172,10 +178,11 @@ CHECKS: dict[str, Callable[[dict, Path], None]] = {
     "docs/training.md": check_training,
     "docs/how-to/custom-loop.md": check_custom_loop,
     "docs/how-to/save-and-share.md": check_save_and_share,
+    "docs/how-to/deploy.md": check_deploy,
 }
 
 # Pages that need an optional extra, and a module of it.
-NEEDS_EXTRA = {"docs/how-to/analytics.md": ("plots", "sklearn"), "docs/how-to/export.md": ("export", "onnxscript")}
+NEEDS_EXTRA = {"docs/how-to/analytics.md": ("plots", "sklearn"), "docs/how-to/deploy.md": ("export", "onnxscript")}
 SKIPPED_BLOCKS = [block for page in pages_with_code() for block in python_blocks(page) if block.skip_reason]
 
 

@@ -7,7 +7,7 @@ import tempfile
 import pytest
 import torch
 import torchvision
-from routed_models import UnregisteredBlock
+from routed_models import RowCountBlock, UnregisteredBlock
 from torch import nn
 
 import dynroute
@@ -322,9 +322,18 @@ CASES = [
     ),
     (
         "export-unbatched-example",
-        lambda model, table: dynroute.export_program(model, torch.zeros(3, 32, 32)),
+        lambda model, table: dynroute.export_skipping_program(model, torch.zeros(3, 32, 32)),
         ValueError,
         r"example_inputs must be a batch \(N, C, H, W\), but got \(3, 32, 32\)",
+    ),
+    (
+        "export-skipping-batch-row-count",
+        lambda model, table: dynroute.export_skipping_program(
+            dynroute.convert_resnet(nn.Sequential(RowCountBlock(), RowCountBlock()), input_size=(4, 8, 8)),
+            torch.randn(3, 4, 8, 8),
+        ),
+        RuntimeError,
+        r"depends on how many rows it runs on.*dynamic_batch=False.*dynroute\.export_masked_program",
     ),
 ]
 

@@ -20,10 +20,11 @@ import dynroute
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
-import _common  # noqa: E402
+import codinet_flags  # noqa: E402
 import quickstart  # noqa: E402
 import train_cifar  # noqa: E402
 import train_imagenet  # noqa: E402
+import training_loop  # noqa: E402
 
 ORIGINAL_COMMAND = (
     "--dataset cifar10 --backbone resnet20 --train_bs 60 --aug_repeat 1 --test_bs 100 --lr 0.1 --epochs 60 "
@@ -68,7 +69,7 @@ class TestOriginalCommandLine:
     """The original CoDiNet flags parse and map to this project's settings."""
 
     def test_mapping(self) -> None:
-        args = _common.resolve_arguments(train_cifar.build_parser().parse_args(ORIGINAL_COMMAND))
+        args = codinet_flags.resolve_arguments(train_cifar.build_parser().parse_args(ORIGINAL_COMMAND))
         assert (args.dataset, args.backbone) == ("cifar10", "resnet20")
         assert (args.train_bs, args.test_bs, args.lr, args.epochs) == (60, 100, 0.1, 60)
         assert args.views == 1
@@ -78,9 +79,9 @@ class TestOriginalCommandLine:
 
     def test_zero_cost_weight_means_no_cost_term(self) -> None:
         """--loss_w 0.0 switched the original's cost loss off: no cost term, no controller, gamma stays 0."""
-        args = _common.resolve_arguments(train_cifar.build_parser().parse_args(ORIGINAL_COMMAND))
+        args = codinet_flags.resolve_arguments(train_cifar.build_parser().parse_args(ORIGINAL_COMMAND))
         model = train_cifar.build_model(args, 10)
-        criterion = _common.build_criterion(args, model)
+        criterion = codinet_flags.build_criterion(args, model)
         assert not isinstance(criterion.cost, dynroute.BudgetLoss) and criterion.gamma == 0.0
         assert criterion.consistency is None  # --aug_repeat 1: one view, no consistency term
         model.train()
@@ -89,8 +90,8 @@ class TestOriginalCommandLine:
         assert "cost" not in terms and "gamma" not in terms
 
     def test_original_command_says_what_each_flag_became(self, capsys) -> None:
-        args = _common.resolve_arguments(train_cifar.build_parser().parse_args(ORIGINAL_COMMAND))
-        notes = _common.record_derived_settings(args, train_cifar.build_model(args, 10))
+        args = codinet_flags.resolve_arguments(train_cifar.build_parser().parse_args(ORIGINAL_COMMAND))
+        notes = codinet_flags.record_derived_settings(args, train_cifar.build_model(args, 10))
         assert notes == [
             "--aug_repeat 1 -> 1 view(s) per sample",
             "--beta 25.0 -> unused, as in the original (the router temperature is --temperature)",
@@ -122,17 +123,19 @@ class TestOriginalCommandLine:
         ],
     )
     def test_cost_flags(self, flags: tuple[str, ...], term: str, gamma: float) -> None:
-        args = _common.resolve_arguments(train_cifar.build_parser().parse_args(["--backbone", "resnet20", *flags]))
+        args = codinet_flags.resolve_arguments(
+            train_cifar.build_parser().parse_args(["--backbone", "resnet20", *flags])
+        )
         model = train_cifar.build_model(args, 10)
         table = dynroute.macs_table(model)
-        cost = _common.resolve_cost_flags(args, table, "resnet20")
+        cost = codinet_flags.resolve_cost_flags(args, table, "resnet20")
         assert (cost.term, cost.gamma) == (term, gamma)
         expected_budget = {"none": None, "fixed": None, "budget": args.budget}[term]
         if term == "budget" and args.budget is None:
-            expected_budget = _common.budget_from_num_target(5, table)
+            expected_budget = codinet_flags.budget_from_num_target(5, table)
         assert cost.budget == expected_budget
         assert len(cost.notes) == sum(flag.startswith("--") and flag != "--budget" for flag in flags)
-        criterion = _common.build_criterion(args, model)
+        criterion = codinet_flags.build_criterion(args, model)
         assert isinstance(criterion.cost, dynroute.BudgetLoss) == (term == "budget")
         if term == "budget":
             assert (criterion.cost.target, criterion.cost.gamma.item()) == (cost.budget, gamma)
@@ -150,10 +153,10 @@ class TestOriginalCommandLine:
     )
     def test_contradicting_cost_flags(self, flags: tuple[str, ...], message: str) -> None:
         with pytest.raises(ValueError, match=message):
-            _common.resolve_arguments(train_cifar.build_parser().parse_args(list(flags)))
+            codinet_flags.resolve_arguments(train_cifar.build_parser().parse_args(list(flags)))
 
     def test_calibration_of_no_budget_is_refused_before_training(self) -> None:
-        args = _common.resolve_arguments(
+        args = codinet_flags.resolve_arguments(
             train_cifar.build_parser().parse_args(
                 ["--backbone", "resnet20", "--num_target", "12", "--calibrate-images", "8"]
             )
@@ -161,12 +164,12 @@ class TestOriginalCommandLine:
         with pytest.raises(
             ValueError, match=r"calibrates a budget, but the flags ask for none \(--num_target 12 -> no"
         ):
-            _common.record_derived_settings(args, train_cifar.build_model(args, 10))
+            codinet_flags.record_derived_settings(args, train_cifar.build_model(args, 10))
 
     def test_num_target_below_the_block_count(self) -> None:
         table = dynroute.macs_table(dynroute.convert_resnet(dynroute.models.resnet56(), input_size=(3, 32, 32)))
         expected = (table.base_macs + sum(table.router_macs) + 16 * sum(table.block_macs) / 27) / table.dense_macs
-        assert _common.budget_from_num_target(16, table) == pytest.approx(expected, rel=1e-5)
+        assert codinet_flags.budget_from_num_target(16, table) == pytest.approx(expected, rel=1e-5)
 
     def test_torch_distributed_launch_rank_flag_is_accepted(self) -> None:
         args = train_cifar.build_parser().parse_args([*ORIGINAL_COMMAND, "--local_rank", "0"])
@@ -184,14 +187,14 @@ class TestOriginalCommandLine:
     def test_distill_flags_need_a_teacher(self) -> None:
         args = train_cifar.build_parser().parse_args([*ORIGINAL_COMMAND, "--distill-weight", "0.5"])
         with pytest.raises(ValueError, match="--distill-weight set without --teacher"):
-            _common.resolve_arguments(args)
+            codinet_flags.resolve_arguments(args)
         args = train_cifar.build_parser().parse_args([*ORIGINAL_COMMAND, "--teacher", "dense.th"])
-        assert (_common.resolve_arguments(args).distill_weight, args.distill_temperature) == (1.0, 4.0)
+        assert (codinet_flags.resolve_arguments(args).distill_weight, args.distill_temperature) == (1.0, 4.0)
 
     def test_bad_num_target(self) -> None:
         table = dynroute.macs_table(dynroute.convert_resnet(dynroute.models.resnet20(), input_size=(3, 32, 32)))
         with pytest.raises(ValueError, match="--num_target"):
-            _common.budget_from_num_target(0, table)
+            codinet_flags.budget_from_num_target(0, table)
 
 
 class TestDistillationLoss:
@@ -207,8 +210,10 @@ class TestDistillationLoss:
             p_student = torch.softmax(student[row] / temperature, 0)
             expected += sum(p_teacher[k] * (p_teacher[k].log() - p_student[k].log()) for k in range(7)).item()
         expected *= temperature**2 / 5
-        assert _common.distillation_loss(student, teacher, temperature).item() == pytest.approx(expected, rel=1e-5)
-        assert _common.distillation_loss(teacher, teacher, temperature).item() == pytest.approx(0.0, abs=1e-6)
+        assert training_loop.distillation_loss(student, teacher, temperature).item() == pytest.approx(
+            expected, rel=1e-5
+        )
+        assert training_loop.distillation_loss(teacher, teacher, temperature).item() == pytest.approx(0.0, abs=1e-6)
 
 
 class TestTrainCifar:
@@ -243,7 +248,7 @@ class TestTrainCifar:
         train_cifar.main(args)
         rows = _csv_rows(tmp_path / "smoke" / "log.csv")
         assert all(float(row["distill"]) > 0 for row in rows)  # a random teacher disagrees with the student
-        model = train_cifar.build_model(_common.resolve_arguments(train_cifar.build_parser().parse_args(args)), 3)
+        model = train_cifar.build_model(codinet_flags.resolve_arguments(train_cifar.build_parser().parse_args(args)), 3)
         assert {block.router.relaxation for _, block in dynroute.gated_blocks(model)} == {"straight_through"}
 
     def test_budget_calibration(self, cifar_folder: Path, tmp_path: Path, capsys) -> None:
@@ -263,7 +268,7 @@ class TestTrainCifar:
 
     def test_a_train_folder_is_read_as_an_image_folder_with_the_dataset_augmentation(self, cifar_folder: Path) -> None:
         args = train_cifar.build_parser().parse_args(["--dataset", "svhn", "--data-root", str(cifar_folder)])
-        train_set, _, classes, _ = train_cifar.build_datasets(_common.resolve_arguments(args))
+        train_set, _, classes, _ = train_cifar.build_datasets(codinet_flags.resolve_arguments(args))
         assert isinstance(train_set, datasets.ImageFolder) and classes == 3
         steps = [type(step) for step in train_set.transform.transform.transforms[-1].transforms]
         assert torchvision_transforms.RandomCrop in steps and torchvision_transforms.RandomHorizontalFlip not in steps
@@ -271,23 +276,23 @@ class TestTrainCifar:
     def test_download_into_an_image_folder_is_refused(self, cifar_folder: Path) -> None:
         args = train_cifar.build_parser().parse_args(["--data-root", str(cifar_folder), "--download"])
         with pytest.raises(ValueError, match=r"--download fetches torchvision's CIFAR / SVHN, but .* ImageFolder"):
-            train_cifar.build_datasets(_common.resolve_arguments(args))
+            train_cifar.build_datasets(codinet_flags.resolve_arguments(args))
 
     def test_calibrate_when_needs_images(self) -> None:
         args = train_cifar.build_parser().parse_args(["--budget", "0.6", "--calibrate-when", "stage2"])
         with pytest.raises(ValueError, match="--calibrate-when stage2 needs images"):
-            _common.resolve_arguments(args)
+            codinet_flags.resolve_arguments(args)
 
     @pytest.mark.parametrize("extra", [(), ("--dense",)])
     def test_calibration_needs_a_budget(self, extra: tuple[str, ...]) -> None:
         args = train_cifar.build_parser().parse_args(["--calibrate-images", "100", *extra])
         with pytest.raises(ValueError, match="--calibrate-images calibrates a budget"):
-            _common.resolve_arguments(args)
+            codinet_flags.resolve_arguments(args)
 
     def test_calibration_images_are_clean_training_images(self, cifar_folder: Path) -> None:
         views = dynroute.MultiViewTransform(dynroute.train_transform("cifar10"), 2)
         train_set = torch.utils.data.Subset(datasets.ImageFolder(cifar_folder / "train", views), [1, 4, 9, 17, 20])
-        clean = _common.calibration_subset(train_set, dynroute.eval_transform(), 3, seed=0)
+        clean = training_loop.calibration_subset(train_set, dynroute.eval_transform(), 3, seed=0)
         reference = datasets.ImageFolder(cifar_folder / "train", dynroute.eval_transform())
         assert len(clean) == 3 and set(clean.indices) <= {1, 4, 9, 17, 20}
         for position, index in enumerate(clean.indices):
@@ -296,14 +301,14 @@ class TestTrainCifar:
 
     def test_image_folder_is_resized_to_32_px(self, tmp_path: Path) -> None:
         folder = _image_folder(tmp_path / "data", ("train", "test"), classes=2, per_class=1, size=48)
-        args = _common.resolve_arguments(train_cifar.build_parser().parse_args(["--data-root", str(folder)]))
+        args = codinet_flags.resolve_arguments(train_cifar.build_parser().parse_args(["--data-root", str(folder)]))
         train_set, test_set, classes, test_tf = train_cifar.build_datasets(args)
         assert train_set[0][0].shape == (2, 3, 32, 32) and test_set[0][0].shape == (3, 32, 32)
         assert classes == 2 and test_tf is test_set.transform  # calibration images get the same resize
 
     def test_image_folder_gets_the_cifar_pad_and_crop_after_the_resize(self, cifar_folder: Path) -> None:
         args = train_cifar.build_parser().parse_args(["--dataset", "imagefolder", "--data-root", str(cifar_folder)])
-        train_set, _, _, _ = train_cifar.build_datasets(_common.resolve_arguments(args))
+        train_set, _, _, _ = train_cifar.build_datasets(codinet_flags.resolve_arguments(args))
         resize, crop, augment = train_set.transform.transform.transforms
         assert (type(resize), type(crop)) == (torchvision_transforms.Resize, torchvision_transforms.CenterCrop)
         steps = augment.transforms
@@ -314,7 +319,7 @@ class TestTrainCifar:
         model = dynroute.convert_resnet(dynroute.models.resnet20(num_classes=3), input_size=(3, 32, 32))
         batch = (torch.randn(2, 3, 48, 48), torch.tensor([0, 1]))
         with pytest.raises(ValueError, match="the MAC table was measured at input_size"):
-            _common.evaluate(model, [batch], progress=False)
+            training_loop.evaluate(model, [batch], progress=False)
 
     def test_unknown_dataset(self, cifar_folder: Path, tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="--dataset"):

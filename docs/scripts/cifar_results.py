@@ -107,7 +107,8 @@ def main() -> None:
 
     for folder in args.runs:
         model, run_args = load_run(folder)
-        result = {"run": folder.name, "split": args.split}
+        kind = "dense" if run_args["dense"] else "static" if run_args.get("static_router") else "routed"
+        result = {"run": folder.name, "split": args.split, "backbone": run_args["backbone"], "kind": kind}
         if run_args["dense"]:
             result |= {
                 "top1": dense_top1(model, loader),

@@ -91,6 +91,12 @@ def _sparse(
         return _unrouted(shortcut, parameters if training else ())
     if count == 1 and training:
         return _masked(shortcut, residual, x, decisions)
+    return merge_routed_rows(shortcut, residual, x, routed)
+
+
+def merge_routed_rows(shortcut: Tensor, residual: Callable[[Tensor], Tensor], x: Tensor, routed: Tensor) -> Tensor:
+    """A new tensor: ``shortcut + F(x)`` on the rows ``routed`` (n,), ``shortcut`` elsewhere, F run on those rows
+    only (package helper; an export that decides in its graph whether any row is routed calls it)."""
     rows = residual(_gather_rows(x, routed)).to(shortcut.dtype)
     return _index_add_rows_(shortcut.clone(), routed, rows)
 
