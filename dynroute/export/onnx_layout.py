@@ -56,7 +56,7 @@ def optimize_onnx(path: str | os.PathLike, optimized_path: str | os.PathLike) ->
     onnxruntime.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
     model = onnx.load(os.fspath(optimized_path))
     _scope_branch_names(model.graph)
-    carry_nchwc(model.graph)
+    _carry_nchwc(model.graph)
     onnx.save(model, os.fspath(optimized_path))
 
 
@@ -68,7 +68,7 @@ class _Layout:
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
-def carry_nchwc(graph: onnx.GraphProto) -> int:
+def _carry_nchwc(graph: onnx.GraphProto) -> int:
     """Rewrite ONNX Runtime's optimised ``graph`` in place so that NCHWc tensors cross its ``If`` nodes; return how
     many ``If`` nodes now return NCHWc.
 
