@@ -25,6 +25,7 @@ from dynroute.conversion.flops import MacsTable, build_macs_table, count_macs, m
 from dynroute.conversion.registry import BlockAdapter, get_adapter, register_block, registered_block_types
 from dynroute.export.masked import WithPaths, export_masked_program
 from dynroute.export.masked import export_program as export_program  # deprecated, not in __all__
+from dynroute.export.onnx_layout import optimize_onnx
 from dynroute.export.onnx_model import export_onnx
 from dynroute.export.pretrained import from_pretrained, push_to_hub, save_pretrained
 from dynroute.export.skipping import export_skipping_program
@@ -117,6 +118,7 @@ __all__ = [
     "export_masked_program",
     "export_skipping_program",
     "export_onnx",
+    "optimize_onnx",
     "save_pretrained",
     "from_pretrained",
     "push_to_hub",
