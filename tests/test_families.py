@@ -369,7 +369,7 @@ class TestConvertedModelApi:
 
 
 @pytest.mark.slow
-def test_every_residual_model_converts_with_equal_logits(one_thread, capsys):
+def test_every_residual_model_converts_with_equal_logits(one_thread, record_property):
     """Every timm model of the resnet module and of the families (193), every torchvision ResNet and RegNet
     builder and the quantizable ResNets in float mode: gates open, fp32 eval, logits within 1e-5.
 
@@ -405,7 +405,6 @@ def test_every_residual_model_converts_with_equal_logits(one_thread, capsys):
         else:
             equal += 1
         del model
-    with capsys.disabled():
-        seconds = time.perf_counter() - start
-        print(f"\n{equal} of {len(builds)} architectures converted with equal logits in {seconds:.0f} s")
+    seconds = time.perf_counter() - start
+    record_property("summary", f"{equal} of {len(builds)} architectures converted with equal logits in {seconds:.0f} s")
     assert len(timm_names) == 81 + 112 and len(builds) == 193 + 10 + 15 + 4 and failures == []
