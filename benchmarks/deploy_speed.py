@@ -198,18 +198,18 @@ class Graph:
     """One exported graph, runnable on a (N, C, H, W) batch in both runtimes: logits, and paths if it has them."""
 
     module: nn.Module  # the program's module()
-    session: onnxruntime.InferenceSession
+    onnx_model: onnxruntime.InferenceSession
 
     def run(self, runtime: str, images: Tensor) -> tuple[Tensor, ...]:
         if runtime == "onnxruntime":
-            return tuple(torch.from_numpy(out) for out in self.session.run(None, {"images": images.numpy()}))
+            return tuple(torch.from_numpy(out) for out in self.onnx_model.run(None, {"images": images.numpy()}))
         outputs = self.module(images)
         return outputs if isinstance(outputs, tuple) else (outputs,)
 
 
 def build_graph(program: torch.export.ExportedProgram, path: Path, threads: int) -> Graph:
-    """The program's module and an ONNX Runtime session of its ONNX model (written to ``path``), optimised for this
-    CPU by ``dynroute.optimize_onnx`` (next to it, ``.cpu.onnx``), as every graph is."""
+    """The program's module and its ONNX model (written to ``path``) loaded in ONNX Runtime, optimised for the CPU
+    it runs on by ``dynroute.optimize_onnx`` (next to it, ``.cpu.onnx``), as every graph is."""
     dynroute.export_onnx(program, path)
     optimized = path.with_suffix(".cpu.onnx")
     dynroute.optimize_onnx(path, optimized)
@@ -217,8 +217,8 @@ def build_graph(program: torch.export.ExportedProgram, path: Path, threads: int)
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = onnxruntime.InferenceSession(optimized, options, providers=["CPUExecutionProvider"])
-    return Graph(program.module(), session)
+    onnx_model = onnxruntime.InferenceSession(optimized, options, providers=["CPUExecutionProvider"])
+    return Graph(program.module(), onnx_model)
 
 
 def run_images(graph: Graph, runtime: str, images: Tensor) -> Tensor:

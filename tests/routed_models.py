@@ -16,6 +16,16 @@ def images(n: int, size: int = 32, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=generator) * scale
 
 
+def eager_reference(model: nn.Module, n: int = 12, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``n`` images, and ``model``'s logits (N, classes) and paths (N, blocks) on them; every block runs for some."""
+    x = images(n, seed=seed)
+    with torch.no_grad():
+        logits = model(x)
+    paths = dynroute.routing_paths(model)
+    assert ((paths.sum(0) > 0) & (paths.sum(0) < len(x))).all(), "every block should run for some images only"
+    return x, logits, paths
+
+
 def centre_routers(model: nn.Module, x: torch.Tensor) -> nn.Module:
     """Random routers, each biased to run its block for about half of ``x`` in the model's current mode."""
     blocks = [block for _, block in dynroute.gated_blocks(model)]

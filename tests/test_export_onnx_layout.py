@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from routed_models import centre_routers, images
+from routed_models import centre_routers, eager_reference, images
 
 import dynroute
 from dynroute.models import CifarResNet
@@ -24,13 +24,8 @@ def model() -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def reference(model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Images, and the eager model's logits and paths on them."""
-    x = images(12, seed=3)
-    with torch.no_grad():
-        logits = model(x)
-    paths = dynroute.routing_paths(model)
-    assert ((paths.sum(0) > 0) & (paths.sum(0) < len(x))).all(), "every block should run for some images only"
-    return x, logits, paths
+    """Images, and the eager eval model's logits and paths on them (sparse execution)."""
+    return eager_reference(model)
 
 
 def optimized_session(program, folder) -> tuple[onnxruntime.InferenceSession, onnx.GraphProto]:

@@ -7,7 +7,7 @@ import importlib.util
 
 import pytest
 import torch
-from routed_models import RowCountBlock, centre_routers, images
+from routed_models import RowCountBlock, centre_routers, eager_reference, images
 from torch import Tensor, nn
 
 import dynroute
@@ -29,12 +29,7 @@ def model() -> nn.Module:
 @pytest.fixture(scope="module")
 def reference(model) -> tuple[Tensor, Tensor, Tensor]:
     """Images, and the eager eval model's logits and paths on them (sparse execution)."""
-    x = images(12, seed=3)
-    with torch.no_grad():
-        logits = model(x)
-    paths = dynroute.routing_paths(model)
-    assert ((paths.sum(0) > 0) & (paths.sum(0) < len(x))).all(), "every block should run for some images only"
-    return x, logits, paths
+    return eager_reference(model)
 
 
 @pytest.fixture(scope="module")
