@@ -63,6 +63,13 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         help="weight of the per-block execution-rate term (ConvNet-AIG), each block's target rate the one that "
         "spends --budget; 0 = off",
     )
+    add(
+        "--path-terms",
+        default="gates",
+        choices=("gates", "probabilities"),
+        help="what consistency and diversity measure: the relaxed gates (the paper), or the routers' run "
+        "probabilities without the Gumbel noise",
+    )
     add("--consistency-weight", type=float, default=0.2, help="alpha, weight of Eq. 8")
     add("--diversity-weight", type=float, default=0.2, help="beta of the paper, weight of Eq. 9")
     add("--loss_lda", "--loss-lda", dest="loss_lda", type=float, default=None, help="original: both path weights")

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import dynroute
 
-LOGGED_TERMS = ("ce", "consistency", "diversity", "gamma", "cost", "train_macs", "distill")
+LOGGED_TERMS = ("ce", "consistency", "diversity", "gamma", "cost", "train_macs", "gate_entropy", "distill")
 
 
 @dataclass
@@ -203,8 +203,12 @@ def train(
                 terms["ce"] = loss.item()
             else:
                 paths = dynroute.routing_paths(model)
-                loss, terms = criterion(logits, labels, paths)
+                run_probs = dynroute.routing_logits(model).softmax(-1)[..., 1]
+                on_probs = stage == 1 and args.path_terms == "probabilities"
+                loss, terms = criterion(logits, labels, paths, run_probs if on_probs else None)
                 terms["train_macs"] = dynroute.macs_fraction(paths, dynroute.macs_table(model))
+                if stage == 1:  # routers learn only in stage 1; saturation (entropy -> 0) ends per-image routing
+                    terms["gate_entropy"] = dynroute.gate_entropy(run_probs.detach()).mean().item()
             if teacher is not None:
                 with torch.no_grad():
                     teacher_logits = teacher(images)

@@ -3,6 +3,7 @@
 import argparse
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -248,8 +249,21 @@ class TestTrainCifar:
         train_cifar.main(args)
         rows = _csv_rows(tmp_path / "smoke" / "log.csv")
         assert all(float(row["distill"]) > 0 for row in rows)  # a random teacher disagrees with the student
+        stage1, stage2 = rows
+        assert 0 < float(stage1["gate_entropy"]) <= 1 and math.isnan(float(stage2["gate_entropy"]))
         model = train_cifar.build_model(codinet_flags.resolve_arguments(train_cifar.build_parser().parse_args(args)), 3)
         assert {block.router.relaxation for _, block in dynroute.gated_blocks(model)} == {"straight_through"}
+
+    def test_path_terms_on_probabilities(self, cifar_folder: Path, tmp_path: Path) -> None:
+        diversity = {}
+        for source in ("gates", "probabilities"):
+            extra = ("--budget", "0.6", "--epochs", "1", "--views", "2", "--path-terms", source, "--seed", "0")
+            train_cifar.main(_tiny_run(cifar_folder, tmp_path / source, *extra))
+            (row,) = _csv_rows(tmp_path / source / "smoke" / "log.csv")
+            diversity[source] = float(row["diversity"])
+        # Untrained routers give every image nearly the same run probabilities (diversity near its
+        # ceiling margin^2 = 0.25), while the Gumbel noise of the gates already keeps paths apart.
+        assert diversity["probabilities"] > 0.2 > diversity["gates"] + 0.1
 
     def test_budget_calibration(self, cifar_folder: Path, tmp_path: Path, capsys) -> None:
         extra = ("--budget", "0.6", "--epochs", "1", "--stage2-epochs", "1", "--calibrate-images", "12")

@@ -53,6 +53,33 @@ class TestExecutionRate:
             dynroute.execution_rate_by_class(PATHS, torch.tensor([0, 1, 2, 1]), num_classes=2)
 
 
+class TestGateEntropy:
+    """Mean binary entropy per block, in bits, against the formula summed by hand."""
+
+    def test_against_loop(self):
+        probs = torch.tensor([[0.5, 1.0, 0.9], [0.5, 0.0, 0.2]])
+        expected = []
+        for block in range(probs.shape[1]):
+            total = 0.0
+            for p in probs[:, block].tolist():
+                total += sum(-q * math.log2(q) for q in (p, 1 - p) if q > 0)
+            expected.append(total / probs.shape[0])
+        got = dynroute.gate_entropy(probs)
+        assert got.dtype == torch.float64 and got.shape == (3,)
+        assert torch.allclose(got, torch.tensor(expected, dtype=torch.float64), atol=1e-6)
+        assert got[0] == pytest.approx(1.0) and got[1] == pytest.approx(0.0, abs=1e-6)
+
+    def test_record_method_reads_run_probs(self, model, loader):
+        record = dynroute.collect_routing(model, loader)
+        assert torch.equal(record.gate_entropy(), dynroute.gate_entropy(record.run_probs))
+
+    def test_refuses_logits_and_hard_shapes(self):
+        with pytest.raises(ValueError, match="softmax"):
+            dynroute.gate_entropy(torch.tensor([[2.0, -1.0]]))
+        with pytest.raises(ValueError, match="run_probs"):
+            dynroute.gate_entropy(torch.rand(4))
+
+
 class TestPathAgreement:
     """Fraction of equal hard paths, counted by hand."""
 

@@ -240,6 +240,24 @@ class TestCoDiNetLoss:
         assert torch.allclose(loss, expected)
         assert set(terms) == {"ce", "consistency", "diversity"} | ({"cost"} if gamma else set())
 
+    def test_path_terms_on_run_probabilities(self) -> None:
+        model = _routed()
+        table = dynroute.macs_table(model)
+        criterion = dynroute.CoDiNetLoss(table, num_views=2, alpha=0.3, beta=0.4, gamma=0.5)
+        logits, labels, paths = self._forward(model, 2)
+        run_probs = dynroute.routing_logits(model).softmax(-1)[..., 1]
+        loss, terms = criterion(logits, labels, paths, run_probs)
+        expected = (
+            torch.nn.functional.cross_entropy(logits, labels)
+            + 0.3 * dynroute.consistency_loss(run_probs, 2)
+            + 0.4 * dynroute.diversity_loss(run_probs, 2)
+            + 0.5 * dynroute.cost_loss(paths, table.block_costs(), table.fixed_cost())  # the cost stays on the gates
+        )
+        torch.testing.assert_close(loss, expected)
+        assert terms["diversity"] != pytest.approx(dynroute.diversity_loss(paths, 2).item())
+        with pytest.raises(ValueError, match=r"run_probs have shape \(4, 3\) but paths \(8, 3\)"):
+            criterion(logits, labels, paths, run_probs[::2])
+
     def test_one_view_leaves_consistency_out(self) -> None:
         model = _routed()
         criterion = dynroute.CoDiNetLoss(dynroute.macs_table(model), num_views=1)

@@ -8,7 +8,8 @@ blocks really skipped:
     python docs/scripts/cifar_results.py --data ~/data/cifar10 --split val runs/r70-rate-s0 runs/dense56-s0
     python docs/scripts/cifar_results.py --data ~/data/cifar10 --split test --sweep runs/r70-rate-s0
 
-For a routed run it adds the per-image MACs spread, the execution rate of each block by class, the
+For a routed run it adds the per-image MACs spread, the execution rate of each block (overall and by
+class), the entropy of each router's decision in bits (0: saturated, the same choice for every image), the
 agreement of paths under a horizontal flip and the correlation between sample similarity (features of
 the pretrained dense ResNet-56) and path similarity (CoDiNet Table 9); with --sweep, accuracy and MACs
 at a range of shared decision offsets (one model, every budget). One JSON object per run is printed.
@@ -76,6 +77,7 @@ def routed_figures(model: torch.nn.Module, loader: DataLoader, encoder=None) -> 
         flip = dynroute.augmentation_agreement(model, loader, augment=v2.RandomHorizontalFlip(p=1.0))
         figures |= {
             "execution_rate": [round(rate, 3) for rate in record.execution_rate().tolist()],
+            "gate_entropy": [round(bits, 4) for bits in record.gate_entropy().tolist()],
             "execution_rate_by_class": [[round(rate, 3) for rate in row] for row in by_class.tolist()],
             "flip_agreement": flip.agreement,
             "similarity_correlation": dynroute.similarity_correlation(record.features, record.run_probs),

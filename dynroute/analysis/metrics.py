@@ -2,7 +2,7 @@
 
 Collect once with :func:`collect_routing` (eval mode, hard deterministic decisions), then call the
 pure functions on the collected tensors: :func:`execution_rate`, :func:`execution_rate_by_class`,
-:func:`macs_distribution`, :func:`path_agreement`, :func:`prediction_kl`,
+:func:`gate_entropy`, :func:`macs_distribution`, :func:`path_agreement`, :func:`prediction_kl`,
 :func:`similarity_correlation`. :func:`augmentation_agreement` compares each image with an
 augmented copy in one pass (the paper's path agreement and Fig. 9).
 """
@@ -28,6 +28,7 @@ __all__ = [
     "collect_routing",
     "execution_rate",
     "execution_rate_by_class",
+    "gate_entropy",
     "macs_distribution",
     "path_agreement",
     "prediction_kl",
@@ -124,6 +125,10 @@ class RoutingRecord:
     def execution_rate(self) -> Tensor:
         """Fraction of samples that ran each block (n_blocks,)."""
         return execution_rate(self.paths)
+
+    def gate_entropy(self) -> Tensor:
+        """Mean entropy of each router's decision in bits (n_blocks,); see :func:`gate_entropy`."""
+        return gate_entropy(self.run_probs)
 
     def macs(self) -> MacsDistribution:
         """Per-sample MACs of the recorded paths; a ValueError if the table is of another input size."""
@@ -223,6 +228,26 @@ def execution_rate_by_class(paths: Tensor, labels: Tensor, num_classes: int | No
     one_hot = F.one_hot(labels, num_classes).double()  # (N, C)
     runs = one_hot.T @ hard_paths(paths).double()  # (C, n_blocks)
     return runs / one_hot.sum(dim=0).unsqueeze(1)
+
+
+def gate_entropy(run_probs: Tensor) -> Tensor:
+    """Mean entropy of each router's run/skip decision, in bits: 1 undecided, 0 saturated.
+
+    A block whose router is saturated the same way for every sample is pruned or kept for all of
+    them; routing that depends on the input needs routers that stay undecided on some samples.
+
+    Args:
+        run_probs: run probabilities softmax(router logits)[..., 1] (N, n_blocks), as
+            :attr:`RoutingRecord.run_probs` holds them.
+
+    Returns:
+        Entropies (n_blocks,), float64 in [0, 1], averaged over the N samples.
+    """
+    _check_matrix("run_probs", run_probs)
+    if not run_probs.is_floating_point() or run_probs.min() < 0 or run_probs.max() > 1:
+        raise ValueError("run_probs must be probabilities in [0, 1]: pass softmax(router logits)[..., 1]")
+    bernoulli = torch.distributions.Bernoulli(probs=run_probs.double())
+    return bernoulli.entropy().mean(dim=0) / torch.log(torch.tensor(2.0, dtype=torch.float64))
 
 
 def macs_distribution(paths: Tensor, table: MacsTable) -> MacsDistribution:

@@ -104,7 +104,9 @@ class CoDiNetLoss(nn.Module):
         self.diversity = DiversityLoss(num_views, diversity_margin)
         self.rate = ExecutionRateLoss(rate_target) if rate_weight else None
 
-    def forward(self, logits: Tensor, labels: Tensor, paths: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def forward(
+        self, logits: Tensor, labels: Tensor, paths: Tensor, run_probs: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, float]]:
         """Total loss and its terms as floats (for logging).
 
         Args:
@@ -112,6 +114,13 @@ class CoDiNetLoss(nn.Module):
             labels: (L * M,) labels, each repeated for its sample's M views, as
                 :func:`dynroute.multiview_collate` returns them.
             paths: ``dynroute.routing_paths(model)`` of that forward, (L * M, n_blocks).
+            run_probs: optional run probabilities of the same forward,
+                ``dynroute.routing_logits(model).softmax(-1)[..., 1]`` (L * M, n_blocks). Given, the
+                consistency and diversity terms measure them instead of ``paths``: the Gumbel noise of
+                the relaxed gates alone keeps two images' paths further apart than the diversity margin
+                and two views of one image further apart than the consistency margin, so on ``paths``
+                diversity stays near 0 and consistency is lowered by saturating the routers. The rate
+                and cost terms always measure ``paths``.
         """
         if labels.shape[0] != logits.shape[0]:
             raise ValueError(
@@ -125,6 +134,12 @@ class CoDiNetLoss(nn.Module):
                 f"paths have {paths.shape[0]} rows but logits {logits.shape[0]}; pass dynroute.routing_paths(model) "
                 "of the forward that gave the logits"
             )
+        if run_probs is not None and run_probs.shape != paths.shape:
+            raise ValueError(
+                f"run_probs have shape {tuple(run_probs.shape)} but paths {tuple(paths.shape)}; pass "
+                "dynroute.routing_logits(model).softmax(-1)[..., 1] of the forward that gave the paths"
+            )
+        path_term_input = paths if run_probs is None else run_probs
         loss = self.classification(logits, labels)
         terms = {"ce": loss.item()}
         self._paths_lacked_grad = torch.is_grad_enabled() and logits.requires_grad and not paths.requires_grad
@@ -132,11 +147,11 @@ class CoDiNetLoss(nn.Module):
         if not paths.requires_grad:
             return loss, terms
         if self.consistency is not None and self.alpha:
-            consistency = self.consistency(paths)
+            consistency = self.consistency(path_term_input)
             loss = loss + self.alpha * consistency
             terms["consistency"] = consistency.item()
         if self.beta and paths.shape[0] > self.num_views:
-            diversity = self.diversity(paths)
+            diversity = self.diversity(path_term_input)
             loss = loss + self.beta * diversity
             terms["diversity"] = diversity.item()
         if self.rate is not None:
