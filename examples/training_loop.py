@@ -203,11 +203,12 @@ def train(
                 terms["ce"] = loss.item()
             else:
                 paths = dynroute.routing_paths(model)
-                run_probs = dynroute.routing_logits(model).softmax(-1)[..., 1]
-                on_probs = stage == 1 and args.path_terms == "probabilities"
+                # routers learn only in stage 1; saturation (entropy -> 0) ends per-image routing
+                run_probs = dynroute.routing_logits(model).softmax(-1)[..., 1] if stage == 1 else None
+                on_probs = run_probs is not None and args.path_terms == "probabilities"
                 loss, terms = criterion(logits, labels, paths, run_probs if on_probs else None)
                 terms["train_macs"] = dynroute.macs_fraction(paths, dynroute.macs_table(model))
-                if stage == 1:  # routers learn only in stage 1; saturation (entropy -> 0) ends per-image routing
+                if run_probs is not None:
                     terms["gate_entropy"] = dynroute.gate_entropy(run_probs.detach()).mean().item()
             if teacher is not None:
                 with torch.no_grad():

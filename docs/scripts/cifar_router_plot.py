@@ -61,14 +61,14 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=25, help="steps of the running mean")
     args = parser.parse_args()
     figure, axes = plt.subplots(1, len(SERIES), figsize=(4.2 * len(SERIES), 3.4))
-    for folder in args.runs:
+    for index, folder in enumerate(args.runs):
         series = stage1_series(folder)
         for axis, name in zip(axes, SERIES):
             if name not in series:
                 continue
             steps, values = series[name]
             smoothed = smooth(values, args.window)
-            axis.plot(steps, smoothed, color=f"C{args.runs.index(folder)}", label=folder.name)
+            axis.plot(steps, smoothed, color=f"C{index}", label=folder.name)
             print(f"{folder.name:<16} {name:<13} first {smoothed[0]:.3f}  last {smoothed[-1]:.3f}")
     for axis, title in zip(axes, SERIES.values()):
         axis.set_title(title, fontsize=10)

@@ -7,6 +7,7 @@ pure functions on the collected tensors: :func:`execution_rate`, :func:`executio
 augmented copy in one pass (the paper's path agreement and Fig. 9).
 """
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -247,7 +248,7 @@ def gate_entropy(run_probs: Tensor) -> Tensor:
     if not run_probs.is_floating_point() or run_probs.min() < 0 or run_probs.max() > 1:
         raise ValueError("run_probs must be probabilities in [0, 1]: pass softmax(router logits)[..., 1]")
     bernoulli = torch.distributions.Bernoulli(probs=run_probs.double())
-    return bernoulli.entropy().mean(dim=0) / torch.log(torch.tensor(2.0, dtype=torch.float64))
+    return bernoulli.entropy().mean(dim=0) / math.log(2)
 
 
 def macs_distribution(paths: Tensor, table: MacsTable) -> MacsDistribution:
