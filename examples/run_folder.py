@@ -44,12 +44,20 @@ class Run:
                 self.writer.add_scalar(f"{prefix}/{key}", value, step)
 
     def log_epoch(self, row: dict) -> None:
-        """Append one row to the CSV log (main process only)."""
+        """Append one row to the CSV log (main process only).
+
+        A resumed run keeps the columns its log began with, so rows stay under their headers when a
+        newer version of this script logs more terms (those are left out of the old file).
+        """
         if not self.is_main:
             return
+        fieldnames = list(row)
         new = not os.path.exists(self.csv_path)
+        if not new:
+            with open(self.csv_path, newline="") as file:
+                fieldnames = next(csv.reader(file), None) or fieldnames
         with open(self.csv_path, "a", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=list(row))
+            writer = csv.DictWriter(file, fieldnames=fieldnames, restval="nan", extrasaction="ignore")
             if new:
                 writer.writeheader()
             writer.writerow(row)

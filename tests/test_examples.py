@@ -23,6 +23,7 @@ sys.path.insert(0, str(EXAMPLES))
 
 import codinet_flags  # noqa: E402
 import quickstart  # noqa: E402
+import run_folder  # noqa: E402
 import train_cifar  # noqa: E402
 import train_imagenet  # noqa: E402
 import training_loop  # noqa: E402
@@ -64,6 +65,19 @@ def _tiny_run(folder: Path, log_path: Path, *extra: str) -> list[str]:
 def _csv_rows(path: Path) -> list[dict]:
     with open(path) as file:
         return list(csv.DictReader(file))
+
+
+def test_resumed_log_keeps_its_columns(tmp_path: Path) -> None:
+    args = argparse.Namespace(log_path=str(tmp_path), note="old")
+    run = run_folder.Run(args, is_main=True)
+    with open(run.csv_path, "w", newline="") as file:  # a log begun before a term was added
+        file.write("epoch,ce,minutes\n1,0.5,3.0\n")
+    run.log_epoch({"epoch": 2, "ce": 0.4, "gate_entropy": 0.3, "minutes": 6.0})
+    run.writer.close()
+    assert _csv_rows(Path(run.csv_path)) == [
+        {"epoch": "1", "ce": "0.5", "minutes": "3.0"},
+        {"epoch": "2", "ce": "0.4", "minutes": "6.0"},
+    ]
 
 
 class TestOriginalCommandLine:
