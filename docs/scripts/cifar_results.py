@@ -1,21 +1,25 @@
 """Score the CIFAR-10 runs of docs/results.md: accuracy, MACs, path statistics and the budget sweep.
 
-Each run is a folder that examples/train_cifar.py wrote (args.json, last.pt). The script rebuilds the
-network the run trained, loads its last checkpoint and measures it on the validation split (the last
+Each run is a folder that examples/train_cifar.py wrote (args.json, last.pt, log.csv) or a checkpoint
+file that docs/scripts/cifar_ship.py saved from one (docs/results/cifar10/*.pt). The script rebuilds the
+network the run trained, loads its last weights and measures it on the validation split (the last
 500 training images of each class, which the runs held out) or on the test split, in eval mode with
 blocks really skipped:
 
     python docs/scripts/cifar_results.py --data ~/data/cifar10 --split val runs/r70-rate-s0 runs/dense56-s0
-    python docs/scripts/cifar_results.py --data ~/data/cifar10 --split test --sweep runs/r70-rate-s0
+    python docs/scripts/cifar_results.py --data ~/data/cifar10 --split test --sweep docs/results/cifar10/r70-plain-s0.pt
 
 For a routed run it adds the per-image MACs spread, the execution rate of each block (overall and by
 class), the entropy of each router's decision in bits (0: saturated, the same choice for every image), the
 agreement of paths under a horizontal flip and the correlation between sample similarity (features of
 the pretrained dense ResNet-56) and path similarity (CoDiNet Table 9); with --sweep, accuracy and MACs
-at a range of shared decision offsets (one model, every budget). One JSON object per run is printed.
+at a range of shared decision offsets (one model, every budget). One JSON object per run is printed,
+with the run's budget and, for a run folder, its training wall time in minutes (``wall_minutes``, the
+last row of its log.csv); docs/scripts/cifar_table.py turns these lines into the tables of docs/results.md.
 """
 
 import argparse
+import csv
 import json
 from pathlib import Path
 
@@ -30,15 +34,40 @@ from dynroute.training.data import eval_transform
 OFFSETS = (-6.0, -4.0, -3.0, -2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 
-def load_run(folder: Path) -> tuple[torch.nn.Module, dict]:
-    """The network of a train_cifar.py run with its last checkpoint loaded, in eval mode, and its arguments."""
-    args = json.loads((folder / "args.json").read_text())
+def load_run(path: Path) -> tuple[torch.nn.Module, dict]:
+    """The network of a run (folder or shipped file) in eval mode, and what describes it.
+
+    The description holds ``run`` (the run's name), ``kind`` (dense, static or routed), ``backbone``,
+    ``budget`` (None for a dense run) and, for a run folder, ``wall_minutes``.
+    """
+    if path.is_file():
+        model = dynroute.from_pretrained(path)
+        config = model.dynroute_config
+        routing = config["routing"]
+        kind = "dense" if routing is None else "static" if routing["router_layer"] == "StaticRouter" else "routed"
+        run = config["metadata"].get("run", path.stem)
+        return model, {
+            "run": run,
+            "kind": kind,
+            "backbone": config["architecture"]["name"],
+            "budget": config["metadata"].get("budget"),
+        }
+    args = json.loads((path / "args.json").read_text())
     model = getattr(dynroute.models, args["backbone"])(num_classes=10, shortcut=args.get("shortcut", "A"))
     if not args["dense"]:
         router = dynroute.StaticRouter if args.get("static_router") else dynroute.Router
         model = dynroute.convert_resnet(model, input_size=(3, 32, 32), router_layer=router)
-    dynroute.load_checkpoint(folder / "last.pt", model)
-    return model.eval(), args
+    dynroute.load_checkpoint(path / "last.pt", model)
+    kind = "dense" if args["dense"] else "static" if args.get("static_router") else "routed"
+    with open(path / "log.csv", newline="") as file:
+        wall_minutes = round(float(list(csv.DictReader(file))[-1]["minutes"]), 1)
+    return model.eval(), {
+        "run": path.name,
+        "kind": kind,
+        "backbone": args["backbone"],
+        "budget": None if args["dense"] else args.get("budget"),
+        "wall_minutes": wall_minutes,
+    }
 
 
 def split_loader(root: Path, split: str, per_class: int = 500) -> DataLoader:
@@ -87,7 +116,9 @@ def routed_figures(model: torch.nn.Module, loader: DataLoader, encoder=None) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", type=Path, nargs="+", help="run folders of examples/train_cifar.py")
+    parser.add_argument(
+        "runs", type=Path, nargs="+", help="run folders of examples/train_cifar.py or checkpoints of cifar_ship.py"
+    )
     parser.add_argument("--data", type=Path, default=Path.home() / "data/cifar10", help="ImageFolder (train/, test/)")
     parser.add_argument("--split", choices=("val", "test"), default="val")
     parser.add_argument(
@@ -107,11 +138,10 @@ def main() -> None:
     def encoder(images: torch.Tensor) -> torch.Tensor:
         return reference.pool(reference.forward_features(images))
 
-    for folder in args.runs:
-        model, run_args = load_run(folder)
-        kind = "dense" if run_args["dense"] else "static" if run_args.get("static_router") else "routed"
-        result = {"run": folder.name, "split": args.split, "backbone": run_args["backbone"], "kind": kind}
-        if run_args["dense"]:
+    for path in args.runs:
+        model, description = load_run(path)
+        result = {**description, "split": args.split}
+        if description["kind"] == "dense":
             result |= {
                 "top1": dense_top1(model, loader),
                 "macs_fraction": 1.0,

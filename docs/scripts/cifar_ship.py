@@ -27,9 +27,9 @@ import dynroute
 
 def ship(run: Path, data: Path, out: Path, command: str, commit: str) -> dict:
     """Save ``run``'s model to ``out/<run>.pt``, evaluate it with ``python -m dynroute eval`` and write its JSON."""
-    model, run_args = load_run(run)
+    model, description = load_run(run)
     checkpoint = out / f"{run.name}.pt"
-    metadata = {"run": run.name, "command": command, "commit": commit, "budget": run_args.get("budget")}
+    metadata = {"run": run.name, "command": command, "commit": commit, "budget": description["budget"]}
     input_size = None if list(dynroute.gated_blocks(model)) else (3, 32, 32)  # a converted model records its own
     dynroute.save_pretrained(model, checkpoint, input_size=input_size, metadata=metadata)
     printed = subprocess.run(
