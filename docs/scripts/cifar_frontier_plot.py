@@ -45,7 +45,7 @@ def main() -> None:
             ax.plot(*point, "s" if static else "*", markersize=7 if static else 12, color=colors[model], label=name)
     for run in runs:
         if "sweep" in run:
-            points = sorted((p["macs_fraction"], p["top1"]) for p in run["sweep"])
+            points = sorted((macs_of_resnet56(run | point), point["top1"]) for point in run["sweep"])
             color = colors[SEED.match(run["run"])["model"]]
             ax.plot(*zip(*points), ".--", color=color, label=f"{run['run']}: shared threshold swept")
             for macs, acc in points:

@@ -139,11 +139,11 @@ def model_rows(scores: list[dict]) -> list[str]:
 def sweep_rows(scores: list[dict], run: str, low: float = 0.4) -> list[str]:
     """The threshold sweep of ``run`` (``"r70-plain-s0"``), one row per offset at ``low`` of dense MACs or more."""
     rows = []
-    for score in scores:
-        for point in score.get("sweep", []) if score["run"] == run else []:
+    for score in (score for score in scores if score["run"] == run and "sweep" in score):
+        for point in score["sweep"]:
             if point["macs_fraction"] >= low:
-                name = f"{score['run']}, threshold offset {point['offset']:+.1f}"
-                macs = 100 * point["macs_fraction"]
+                name = f"{run}, threshold offset {point['offset']:+.1f}"
+                macs = 100 * macs_of_resnet56(score | point)
                 rows.append(f"| {name} | 1 | - | - | - | {point['top1']:.2f} | {macs:.1f} | - | - | - | - | - |")
     return rows
 
